@@ -1,0 +1,42 @@
+# `make demo` and `make test` work on a fresh clone: each creates .venv on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# A CPU torch wheel kept on local disk (as on our CI machines) is used when present,
+# so that no multi-GB CUDA build is downloaded; elsewhere pip picks the usual torch.
+LOCAL_WHEELS ?= /opt/wheels
+TORCH_LOCAL ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+export HF_HUB_OFFLINE = 1
+export HF_DATASETS_OFFLINE = 1
+export TRANSFORMERS_OFFLINE = 1
+export TOKENIZERS_PARALLELISM = false
+export PYTHONUNBUFFERED = 1
+
+.PHONY: demo test tiny-digits bench clean-venv
+
+$(VENV)/.installed: setup.cfg constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	@if ls $(LOCAL_WHEELS)/torch-2.13.0* >/dev/null 2>&1; then \
+		$(PIP) install -q --no-index --find-links $(LOCAL_WHEELS) "$(TORCH_LOCAL)"; \
+	fi
+	$(PIP) install -q -c constraints.txt -e ".[test,train,eval,digits]"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) examples/generate.py --output_path outputs/demo.png
+
+test: $(VENV)/.installed
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+tiny-digits: $(VENV)/.installed
+	bash examples/tiny_digits/train_tiny_digits.sh
+
+bench: $(VENV)/.installed
+	$(PY) benchmarks/run_all.py
+
+clean-venv:
+	rm -rf $(VENV)

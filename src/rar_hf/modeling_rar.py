@@ -1,0 +1,534 @@
+"""RAR: a decoder-only transformer with AdaLN blocks and target-aware position embeddings (arXiv 2411.00776)."""
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationConfig, GenerationMixin, LogitsProcessorList, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .configuration_rar import RARConfig
+from .generation_rar import RARClassifierFreeGuidanceLogitsProcessor, guidance_scales
+
+
+def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale) + shift
+
+
+class RARAdaLNModulation(nn.Linear):
+    """Projection of the condition to shift/scale/gate vectors; zero-initialised so each block starts as identity."""
+
+
+class RARAttention(nn.Module):
+    """Causal self-attention with a fused qkv projection and LayerNorm on queries and keys (shared by all heads)."""
+
+    def __init__(self, config: RARConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+        self.num_key_value_groups = 1
+        self.qkv_proj = nn.Linear(config.hidden_size, 3 * config.hidden_size)
+        self.q_norm = nn.LayerNorm(self.head_dim, eps=config.layer_norm_eps)
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=config.layer_norm_eps)
+        self.o_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.o_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, hidden_states, attention_mask=None, cache: Cache | None = None, **kwargs):
+        batch_size, seq_len, _ = hidden_states.shape
+        qkv = self.qkv_proj(hidden_states).view(batch_size, seq_len, 3, self.num_heads, self.head_dim)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        query, key = self.q_norm(query), self.k_norm(key)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+        )
+        attn_output = attn_output.reshape(batch_size, seq_len, -1)
+        return self.o_dropout(self.o_proj(attn_output)), attn_weights
+
+
+class RARMLP(nn.Module):
+    def __init__(self, config: RARConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.fc2(self.dropout(F.gelu(self.fc1(x)))))
+
+
+class RARDecoderLayer(GradientCheckpointingLayer):
+    """Pre-norm block whose LayerNorms are modulated (shift, scale, gate) by the per-position condition (adaLN-zero)."""
+
+    def __init__(self, config: RARConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.self_attn = RARAttention(config, layer_idx)
+        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = RARMLP(config)
+        self.adaln_modulation = RARAdaLNModulation(config.hidden_size, 6 * config.hidden_size)
+
+    def forward(self, hidden_states, condition, attention_mask=None, cache=None, **kwargs):
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaln_modulation(
+            F.silu(condition)
+        ).chunk(6, dim=-1)
+        attn_input = modulate(self.input_layernorm(hidden_states), shift_msa, scale_msa)
+        attn_output, _ = self.self_attn(attn_input, attention_mask=attention_mask, cache=cache, **kwargs)
+        hidden_states = hidden_states + gate_msa * attn_output
+        mlp_input = modulate(self.post_attention_layernorm(hidden_states), shift_mlp, scale_mlp)
+        return hidden_states + gate_mlp * self.mlp(mlp_input)
+
+
+class RARPreTrainedModel(PreTrainedModel):
+    config_class = RARConfig
+    config: RARConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["RARDecoderLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = True
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        # The official initialisation: truncated normal everywhere, LayerNorms at identity, adaLN-zero.
+        std = self.config.initializer_range
+        if isinstance(module, RARAdaLNModulation):
+            init.zeros_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear):
+            init.trunc_normal_(module.weight, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.trunc_normal_(module.weight, std=std)
+        elif isinstance(module, nn.LayerNorm) and module.elementwise_affine:
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, RARModel):
+            for table in (module.cls_token, module.position_embedding, module.condition_position_embedding):
+                init.trunc_normal_(table, std=std)
+            if module.target_aware_position_embedding is not None:
+                init.trunc_normal_(module.target_aware_position_embedding, std=std)
+
+
+class RARModel(RARPreTrainedModel):
+    r"""
+    The RAR transformer without its output projection.
+
+    The sequence it runs is `[cls, condition, image tokens...]`: a learned cls slot is prepended inside the model, so
+    callers pass `input_ids = [condition, image tokens in generation order]`. Each position gets
+
+    - the position embedding of the raster position it holds (`position_embedding[2 + orders[j]]`; rows 0 and 1 are
+      the cls and condition slots);
+    - the target-aware position embedding of the raster position it must predict (`2 + orders[j + 1]`; zero for cls
+      and for the last image token), so that permutations sharing a prefix are told apart;
+    - an AdaLN condition `class embedding + condition_position_embedding[sequence position]`.
+    """
+
+    def __init__(self, config: RARConfig):
+        super().__init__(config)
+        hidden, num_positions = config.hidden_size, config.image_seq_len + 2
+        self.embed_tokens = nn.Embedding(config.vocab_size, hidden)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden))
+        self.position_embedding = nn.Parameter(torch.zeros(num_positions, hidden))
+        if config.target_aware_position_embedding_folded:
+            self.target_aware_position_embedding = None
+        else:
+            self.target_aware_position_embedding = nn.Parameter(torch.zeros(num_positions, hidden))
+        self.condition_position_embedding = nn.Parameter(torch.zeros(num_positions, hidden))
+        self.layers = nn.ModuleList(RARDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps, elementwise_affine=False)
+        self.final_adaln_modulation = RARAdaLNModulation(hidden, 2 * hidden)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def _position_tables(self, positions: torch.Tensor, orders: torch.Tensor | None):
+        """Position and target-aware embeddings for absolute sequence `positions` (cls = 0, condition = 1)."""
+        num_positions = self.config.image_seq_len + 2
+        if orders is None:
+            position_index = positions
+            target_index = positions + 1
+        else:
+            # Slot 0 (cls) and 1 (condition) are never permuted; image slot j holds raster position orders[j].
+            prefix = torch.arange(2, device=orders.device).expand(orders.shape[0], 2)
+            slot_position = torch.cat([prefix, orders + 2], dim=1)  # (B, L + 2)
+            position_index = slot_position.index_select(1, positions)
+            target_index = slot_position.index_select(1, (positions + 1).clamp(max=num_positions - 1))
+        position = self.position_embedding[position_index]
+        if self.target_aware_position_embedding is None:
+            return position
+        # Nothing is predicted from cls's target slot and nothing follows the last image token.
+        has_target = ((positions >= 1) & (positions < num_positions - 1)).to(position.dtype)[:, None]
+        target = self.target_aware_position_embedding[target_index.clamp(max=num_positions - 1)] * has_target
+        return position + target
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        condition_ids: torch.LongTensor | None = None,
+        orders: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        use_cache = use_cache if use_cache is not None else False
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        past_length = cache.get_seq_length() if cache is not None else 0
+        batch_size = input_ids.shape[0]
+        if past_length == 0:
+            # The condition comes first in input_ids; the learned cls slot is prepended here.
+            condition_ids = input_ids[:, 0]
+            embeds = self.embed_tokens(input_ids)
+            embeds = torch.cat([self.cls_token.expand(batch_size, -1, -1).to(embeds.dtype), embeds], dim=1)
+        else:
+            if condition_ids is None:
+                raise ValueError("Decoding with a non-empty cache needs `condition_ids` (the class token of each row).")
+            embeds = self.embed_tokens(input_ids)
+        seq_len = embeds.shape[1]
+        positions = torch.arange(past_length, past_length + seq_len, device=embeds.device)
+        if orders is not None and self.target_aware_position_embedding is None:
+            raise ValueError(
+                "This model's target-aware position embedding was folded into its position embedding for raster "
+                "order; it cannot run other orders (pass orders=None)."
+            )
+        hidden_states = embeds + self._position_tables(positions, orders)
+        condition = self.embed_tokens(condition_ids)[:, None, :] + self.condition_position_embedding[positions]
+
+        causal_mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=hidden_states,
+            attention_mask=None,  # RAR sequences in a batch always have the same length: no padding.
+            cache=cache,
+            position_ids=positions[None],
+        )
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, condition, attention_mask=causal_mask, cache=cache, **kwargs)
+
+        if past_length == 0:
+            hidden_states, condition = hidden_states[:, 1:], condition[:, 1:]  # cls predicts nothing
+        # Official quirk: the final modulation is split as (scale, shift), the reverse of the blocks.
+        scale, shift = self.final_adaln_modulation(F.silu(condition)).chunk(2, dim=-1)
+        hidden_states = modulate(self.norm(hidden_states), shift, scale)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache if use_cache else None)
+
+
+class RARForImageGeneration(RARPreTrainedModel, GenerationMixin):
+    r"""
+    RAR with its token head: class-conditional image-token generation.
+
+    `input_ids` is `(B, 1 + N)`: a class (or null) token, then `N <= image_seq_len` image tokens in generation order.
+    `orders` (`(B, image_seq_len)`, optional) is that order as raster positions: `input_ids[:, 1 + j]` is the token at
+    raster position `orders[:, j]`; `None` is raster order. `logits[:, j]` is the distribution of the `j`-th image
+    token of the order. `labels` follow the causal-LM convention (same shape as `input_ids`, shifted inside, -100
+    ignored). Use [`prepare_class_ids`] to build prompts and [`generate`] to sample.
+    """
+
+    _tied_weights_keys = {}
+
+    def __init__(self, config: RARConfig):
+        super().__init__(config)
+        self.model = RARModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.codebook_size)
+        self.generation_config = GenerationConfig(
+            do_sample=True,
+            max_new_tokens=config.image_seq_len,
+            min_new_tokens=config.image_seq_len,
+            top_k=0,
+            temperature=config.sampling_defaults["temperature"],
+        )
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    # ----------------------------------------------------------------------------------------------- prompts, checks
+    def prepare_class_ids(self, class_labels, device=None) -> torch.LongTensor:
+        """Turn class labels (ints; `None` or -1 for unconditional) into the `(B, 1)` prompt ids of `generate()`."""
+        config = self.config
+        if isinstance(class_labels, int) or class_labels is None:
+            class_labels = [class_labels]
+        if isinstance(class_labels, torch.Tensor):
+            class_labels = class_labels.flatten().tolist()
+        ids = []
+        for label in class_labels:
+            if label is None or label == -1:
+                ids.append(config.null_class_id)
+                continue
+            if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < config.num_classes:
+                raise ValueError(
+                    f"Class label {label!r} is out of range: expected an int in [0, {config.num_classes}) or None "
+                    "for the unconditional (null) class."
+                )
+            ids.append(config.codebook_size + 1 + label)
+        return torch.tensor(ids, dtype=torch.long, device=device or self.device)[:, None]
+
+    def _check_inputs(self, input_ids: torch.LongTensor, orders: torch.LongTensor | None):
+        config = self.config
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, 1 + num_image_tokens), got shape {tuple(input_ids.shape)}.")
+        num_image_tokens = input_ids.shape[1] - 1
+        if num_image_tokens > config.image_seq_len:
+            raise ValueError(
+                f"input_ids holds {num_image_tokens} image tokens after the class token; this model generates at most "
+                f"image_seq_len={config.image_seq_len}."
+            )
+        condition = input_ids[:, 0]
+        first_class = config.codebook_size + 1
+        bad = (condition < first_class) | (condition > config.null_class_id)
+        if bad.any():
+            value = condition[bad][0].item()
+            raise ValueError(
+                f"input_ids[:, 0] must be a class token in [{first_class}, {config.null_class_id}] (class c is "
+                f"{first_class} + c, the null class {config.null_class_id}); got {value}. Use prepare_class_ids()."
+            )
+        tokens = input_ids[:, 1:]
+        bad = (tokens < 0) | (tokens >= config.codebook_size)
+        if bad.any():
+            raise ValueError(
+                f"Image token {tokens[bad][0].item()} is out of range: expected ids in [0, {config.codebook_size})."
+            )
+        if orders is not None:
+            expected = (input_ids.shape[0], config.image_seq_len)
+            if orders.dim() != 2 or tuple(orders.shape) != expected:
+                raise ValueError(f"orders must have shape {expected} (batch, image_seq_len), got {tuple(orders.shape)}.")
+            reference = torch.arange(config.image_seq_len, device=orders.device)
+            if not torch.equal(orders.sort(dim=1).values, reference.expand_as(orders)):
+                raise ValueError(f"Each row of orders must be a permutation of [0, {config.image_seq_len}).")
+
+    # ------------------------------------------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        orders: torch.LongTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        condition_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        if input_ids is None:
+            raise ValueError("RARForImageGeneration needs input_ids: the class token followed by image tokens.")
+        first_pass = cache is None or cache.get_seq_length() == 0
+        if first_pass and not torch.compiler.is_compiling():
+            self._check_inputs(input_ids, orders)
+        outputs = self.model(
+            input_ids=input_ids,
+            condition_ids=condition_ids,
+            orders=orders,
+            cache=cache,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        if logits_to_keep:
+            hidden_states = hidden_states[:, -logits_to_keep:]
+        logits = self.lm_head(hidden_states)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device), ignore_index=-100
+            )
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache)
+
+    # ----------------------------------------------------------------------------------------------- generation
+    def prepare_inputs_for_generation(
+        self, input_ids, cache=None, attention_mask=None, use_cache=True, orders=None, guidance=False, **kwargs
+    ):
+        condition_ids = input_ids[:, 0]
+        past_length = cache.get_seq_length() if cache is not None else 0
+        # The cache also holds the cls slot, which is not part of input_ids.
+        model_input_ids = input_ids[:, max(past_length - 1, 0) :]
+        if guidance:
+            null_ids = torch.full_like(condition_ids, self.config.null_class_id)
+            if past_length == 0:
+                unconditional = model_input_ids.clone()
+                unconditional[:, 0] = self.config.null_class_id
+            else:
+                unconditional = model_input_ids
+            model_input_ids = torch.cat([model_input_ids, unconditional])
+            condition_ids = torch.cat([condition_ids, null_ids])
+            if orders is not None:
+                orders = torch.cat([orders, orders])
+        return {
+            "input_ids": model_input_ids,
+            "condition_ids": condition_ids,
+            "orders": orders,
+            "cache": cache,
+            "use_cache": use_cache,
+            "logits_to_keep": 1,
+        }
+
+    def _prepare_cache_for_generation(
+        self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length, *args, **kwargs
+    ):
+        # The cache also holds the cls slot (one more position than input_ids) and, with guidance, the null rows.
+        batch_size = batch_size * (2 if model_kwargs.get("guidance") else 1)
+        return super()._prepare_cache_for_generation(
+            generation_config, model_kwargs, generation_mode, batch_size, max_cache_length + 1, *args, **kwargs
+        )
+
+    def _resolve_orders(self, orders, batch_size: int, device) -> torch.LongTensor | None:
+        if orders is None or (isinstance(orders, str) and orders == "raster"):
+            return None
+        length = self.config.image_seq_len
+        if isinstance(orders, str):
+            if orders == "random":
+                return torch.stack([torch.randperm(length) for _ in range(batch_size)]).to(device)
+            from .data.scan_orders import get_scan_order
+
+            height, width = self.config.latent_size
+            return get_scan_order(orders, height, width).to(device).expand(batch_size, -1).contiguous()
+        orders = torch.as_tensor(orders, dtype=torch.long, device=device)
+        if orders.dim() == 1:
+            orders = orders.expand(batch_size, -1).contiguous()
+        return orders
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        class_labels=None,
+        guidance_scale: float | None = None,
+        guidance_schedule: str = "pow-cosine",
+        guidance_scale_pow: float | None = None,
+        orders=None,
+        logits_processor: LogitsProcessorList | None = None,
+        **kwargs,
+    ):
+        r"""
+        Sample `image_seq_len` image tokens per class with transformers' generation loop and caches.
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(B, 1)`, *optional*): class tokens from [`prepare_class_ids`].
+            class_labels (`list[int | None]`, *optional*): class ids instead of `input_ids` (`None`: unconditional).
+            guidance_scale (`float`, *optional*): classifier-free guidance scale `g`; defaults to the config's. With
+                `g != 1` the model runs one doubled batch `[conditional; null]` per step and both rows of a pair get
+                the same token.
+            guidance_schedule (`str`): `"pow-cosine"` (official), `"linear"` or `"constant"`.
+            guidance_scale_pow (`float`, *optional*): exponent of the pow-cosine schedule; defaults to the config's.
+            orders (`str` or `torch.LongTensor`, *optional*): generation order: `"raster"` (default), `"random"`, a
+                scan order name (see `rar_hf.data.scan_orders`) or a `(B, image_seq_len)` permutation tensor.
+            kwargs: passed to `GenerationMixin.generate` (`temperature`, `top_k`, `top_p`, `do_sample`,
+                `cache_implementation="static"`, `use_cache`, `return_dict_in_generate`, `output_scores`, ...).
+
+        Returns:
+            `torch.LongTensor` `(B, 1 + image_seq_len)` (or a `GenerateOutput`): the class token then the image tokens
+            **in raster order** whatever the generation order. `scores[s]` (with `output_scores=True`) are the guided,
+            temperature-scaled scores from which the `s`-th generated token was drawn.
+        """
+        if input_ids is None:
+            if class_labels is None:
+                raise ValueError("Pass class_labels (list of class ids, None for unconditional) or input_ids.")
+            input_ids = self.prepare_class_ids(class_labels)
+        if input_ids.shape[1] != 1:
+            raise ValueError(f"generate() takes one class token per row (shape (B, 1)), got {tuple(input_ids.shape)}.")
+        batch_size = input_ids.shape[0]
+        orders = self._resolve_orders(orders, batch_size, input_ids.device)
+        self._check_inputs(input_ids, orders)
+        defaults = self.config.sampling_defaults
+        guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
+        guidance_scale_pow = defaults["guidance_scale_pow"] if guidance_scale_pow is None else guidance_scale_pow
+        guidance = guidance_scale != 1.0
+        processors = LogitsProcessorList()
+        if guidance:
+            scales = guidance_scales(self.config.image_seq_len, guidance_scale, guidance_schedule, guidance_scale_pow)
+            processors.append(RARClassifierFreeGuidanceLogitsProcessor(scales, prompt_length=1))
+        if logits_processor is not None:
+            processors.extend(logits_processor)
+        outputs = super().generate(
+            input_ids=input_ids, logits_processor=processors, orders=orders, guidance=guidance, **kwargs
+        )
+        if orders is None:
+            return outputs
+        sequences = outputs if isinstance(outputs, torch.Tensor) else outputs.sequences
+        raster = sequences.clone()
+        raster[:, 1:].scatter_(1, orders, sequences[:, 1:])
+        if isinstance(outputs, torch.Tensor):
+            return raster
+        outputs.sequences = raster
+        return outputs
+
+    # ----------------------------------------------------------------------------------------------- inference
+    @torch.no_grad()
+    def fold_target_aware_position_embedding(self) -> "RARForImageGeneration":
+        """Fold the target-aware position embedding into the position embedding, for raster order only.
+
+        In raster order the slot at sequence position `p` always predicts position `p + 1`, so the two tables can be
+        summed once (the paper's "no extra cost at inference"). Raster logits are unchanged; afterwards any other
+        order raises an error. Returns the model.
+        """
+        model = self.model
+        target = model.target_aware_position_embedding
+        if target is None:
+            return self
+        length = self.config.image_seq_len
+        # Slots 1..L predict positions 2..L+1; cls (0) and the last image token (L+1) get no target-aware term.
+        model.position_embedding[1 : length + 1] += target[2 : length + 2]
+        model.target_aware_position_embedding = None
+        self.config.target_aware_position_embedding_folded = True
+        return self
+
+    @classmethod
+    def from_official_checkpoint(cls, checkpoint, **config_overrides) -> "RARForImageGeneration":
+        """Build a model from an official RAR generator state dict (`rar_b.bin`, ...) or a path to one.
+
+        The whole config is inferred from the tensor shapes; keyword arguments override config fields (e.g. sampling
+        settings). Missing, unexpected or mis-shaped keys raise a `ValueError` that lists them.
+        """
+        from .convert import load_official_state_dict, convert_rar_state_dict
+
+        state_dict = load_official_state_dict(checkpoint) if isinstance(checkpoint, (str, Path)) else checkpoint
+        config_kwargs, converted = convert_rar_state_dict(state_dict)
+        config = RARConfig(**{**config_kwargs, **config_overrides})
+        model = cls(config)
+        model.load_state_dict(converted, strict=True)
+        return model.eval()

@@ -1,0 +1,37 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = Path(os.environ.get("RAR_HF_REFERENCE_FIXTURES", REPO_ROOT.parent / "shared" / "fixtures" / "reference"))
+
+
+def _require(subdir: str) -> Path:
+    path = FIXTURES / subdir
+    if not path.is_dir():
+        pytest.skip(
+            f"reference fixtures not found at {path}; set RAR_HF_REFERENCE_FIXTURES to the folder holding "
+            "rar/ and maskgit_vqgan/ (the shared/fixtures/reference folder beside the repository)"
+        )
+    return path
+
+
+@pytest.fixture(scope="session")
+def rar_fixture_dir() -> Path:
+    return _require("rar")
+
+
+@pytest.fixture(scope="session")
+def vqgan_fixture_dir() -> Path:
+    return _require("maskgit_vqgan")
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_threads():
+    torch.manual_seed(0)
+    yield
