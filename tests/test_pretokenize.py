@@ -1,0 +1,113 @@
+"""examples/pretokenize.py and the on-the-fly tokenising path of examples/train_rar.py on a made-up image dataset."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from rar_hf.modeling_maskgit_vqgan import MaskGITVQModel
+
+REPO = Path(__file__).resolve().parents[1]
+NUM_IMAGES = 24
+
+
+def run(script, *args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(REPO / "examples" / script), *map(str, args)], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def image_data(tmp_path_factory):
+    """A parquet image dataset (one corrupted image among them) and a tiny tokenizer (16x16 px -> 4x4 tokens)."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    images, labels = [], []
+    for i in range(NUM_IMAGES):
+        label = i % 3
+        pixels = np.full((20, 18, 3), 60 * label, dtype=np.uint8) + rng.integers(0, 40, (20, 18, 3), dtype=np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="PNG")
+        images.append({"bytes": buffer.getvalue(), "path": None})
+        labels.append(label)
+    images.append({"bytes": b"not an image", "path": None})
+    labels.append(0)
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=3)})
+    datasets.Dataset.from_dict({"image": images, "label": labels}, features=features).to_parquet(str(root / "train.parquet"))
+    torch.manual_seed(0)
+    vqvae = MaskGITVQModel(hidden_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, latent_channels=8, codebook_size=16, sample_size=16)
+    vqvae.save_pretrained(root / "vqvae")
+    config = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, num_classes=3, dropout=0.0)
+    (root / "config.json").write_text(json.dumps(config))
+    return root
+
+
+def test_pretokenize_writes_resumable_shards(image_data, tmp_path):
+    out = tmp_path / "tokens"
+    args = ["--dataset_name", image_data / "train.parquet", "--vqvae", image_data / "vqvae", "--resolution", 16,
+            "--augmentation", "center_flip", "--num_shards", 3, "--batch_size", 4, "--output_dir", out]  # fmt: skip
+    log = run("pretokenize.py", *args)
+    assert "skipped 1 undecodable images" in log
+    shards = sorted((out / "data").glob("*.parquet"))
+    assert [p.name for p in shards] == [f"train-{i:05d}-of-00003.parquet" for i in range(3)]
+    rows = datasets.load_dataset(str(out), split="train")
+    assert rows.num_rows == 2 * NUM_IMAGES  # the centre crop and its mirror of every decodable image
+    assert all(len(t) == 16 and 0 <= min(t) and max(t) < 16 for t in rows["tokens"])
+    assert sorted(set(rows["label"])) == [0, 1, 2]
+    # Shard 0 starts with image 0: its centre crop, then the mirror, through the tokenizer.
+    from rar_hf.data import center_crop_arr, to_tensor
+
+    vqvae = MaskGITVQModel.from_pretrained(image_data / "vqvae").eval()
+    first = datasets.load_dataset("parquet", data_files=str(image_data / "train.parquet"), split="train")[0]["image"]
+    crop = to_tensor(center_crop_arr(first, 16))
+    with torch.no_grad():
+        expected = vqvae.encode(torch.stack([crop, crop.flip(-1)])).indices.tolist()
+    shard0 = datasets.load_dataset("parquet", data_files=str(shards[0]), split="train")
+    assert shard0["tokens"][:2] == expected and shard0["label"][:2] == [0, 0]
+    # Resume: a missing shard is rewritten, the others are left alone.
+    mtimes = {p.name: p.stat().st_mtime_ns for p in shards}
+    shards[1].unlink()
+    log = run("pretokenize.py", *args)
+    assert "2 shards already written" in log
+    assert shards[1].exists() and shards[0].stat().st_mtime_ns == mtimes[shards[0].name]
+    assert datasets.load_dataset(str(out), split="train").num_rows == 2 * NUM_IMAGES
+
+
+def test_pretokenize_imports_the_official_jsonl(tmp_path):
+    lines = [json.dumps({"class_id": i % 5, "tokens": [(i + j) % 1024 for j in range(256)]}) for i in range(10)]
+    (tmp_path / "maskgitvq.jsonl").write_text("\n".join(lines) + "\n")
+    run("pretokenize.py", "--official_jsonl", tmp_path / "maskgitvq.jsonl", "--num_shards", 2, "--output_dir", tmp_path / "out")
+    rows = datasets.load_dataset(str(tmp_path / "out"), split="train")
+    assert rows.num_rows == 10 and sorted(rows["label"]) == sorted(i % 5 for i in range(10))
+    assert sorted(r[0] for r in rows["tokens"]) == list(range(10))
+
+
+def test_training_on_streamed_images_tokenised_on_the_fly(image_data, tmp_path):
+    out = tmp_path / "run"
+    run(
+        "train_rar.py", "--dataset_name", image_data / "train.parquet", "--streaming", "--vqvae", image_data / "vqvae",
+        "--resolution", 16, "--model_config", image_data / "config.json", "--train_batch_size", 8,
+        "--max_train_steps", 12, "--learning_rate", "3e-3", "--lr_warmup_steps", 1, "--anneal_start", 0,
+        "--anneal_end", 6, "--logging_steps", 3, "--checkpointing_steps", 100, "--report_to", "none",
+        "--output_dir", out,
+    )  # fmt: skip
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [3, 6, 9, 12]
+    assert records[-1]["loss"] < records[0]["loss"]
+    assert records[-1]["skipped_images"] >= 1
+    from rar_hf.pipeline_rar import RARPipeline
+
+    pipe = RARPipeline.from_pretrained(out)
+    assert pipe.transformer.config.codebook_size == 16 and pipe.transformer.config.latent_size == [4, 4]
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(class_labels=[0, 2], generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert images.shape == (2, 16, 16, 3)
