@@ -452,11 +452,12 @@ def main(args):
             logger.warning("Parameters differ across processes: %s", checksums)
 
     accelerator.wait_for_everyone()
+    final = accelerator.unwrap_model(model)
+    if ema is not None:
+        ema.copy_to(final.parameters())
+    state_dict = accelerator.get_state_dict(model)  # gathers FSDP shards: every process must call it
     if accelerator.is_main_process:
-        final = accelerator.unwrap_model(model)
-        if ema is not None:
-            ema.copy_to(final.parameters())
-        final.save_pretrained(output_dir / "transformer")
+        final.save_pretrained(output_dir / "transformer", state_dict=state_dict)
         if vqvae is not None:
             from rar_hf.pipeline_rar import RARPipeline
 
