@@ -1,0 +1,356 @@
+"""RARPipeline: class-conditional image generation with a RAR generator and the MaskGIT-VQGAN tokenizer."""
+
+import difflib
+import json
+import numbers
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+from transformers import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from .modeling_maskgit_vqgan import MaskGITVQModel
+from .modeling_rar import RARForImageGeneration
+
+OUTPUT_TYPES = ("pil", "np", "pt", "tokens")
+
+# Written beside model_index.json by `save_pretrained`, so that diffusers' generic loader can find the class:
+# `DiffusionPipeline.from_pretrained(folder_or_repo, custom_pipeline="pipeline_rar", trust_remote_code=True)`.
+LOADER_MODULE_NAME = "pipeline_rar"
+_LOADER_MODULE = '''"""Lets diffusers' generic loader open this folder:
+`DiffusionPipeline.from_pretrained(..., custom_pipeline="pipeline_rar", trust_remote_code=True)`.
+It only imports the installed `rar-hf` package, which the components need anyway."""
+
+from rar_hf.pipeline_rar import RARPipeline  # noqa: F401
+'''
+
+
+@dataclass
+class RARPipelineOutput(ImagePipelineOutput):
+    """
+    Output of [`RARPipeline`].
+
+    Args:
+        images (`list[PIL.Image.Image]`, `np.ndarray` or `torch.Tensor`, or `None`): the images in [0, 1]: a list of
+            PIL images, an array `(batch, height, width, 3)` or a tensor `(batch, 3, height, width)`, depending on
+            `output_type`; `None` for `output_type="tokens"`.
+        tokens (`torch.LongTensor` of shape `(batch, image_seq_len)`): the generated image tokens in raster order,
+            always returned (they are what `vqvae.decode` turned into `images`).
+    """
+
+    tokens: torch.LongTensor
+
+
+class RARSamplingLogitsProcessor(LogitsProcessor):
+    r"""
+    Draws the next token with the caller's random generator(s) and returns scores that are `-inf` everywhere except
+    at the drawn token, so that `generate(do_sample=False)` (greedy) emits exactly that token.
+
+    transformers' own sampling (`do_sample=True`) draws from the global RNG with `torch.multinomial`, and its
+    temperature / top-k / top-p warpers run after every custom processor, so a processor cannot both see the warped
+    distribution and control the draw. This one does both: it applies the warpers in generate's order (temperature,
+    top-k, top-p) and then draws with the Gumbel-max trick, `argmax(scores + Gumbel noise)`, which samples from
+    `softmax(scores)`.
+
+    Args:
+        generator (`torch.Generator`, `list[torch.Generator]` or `None`): one generator for the whole batch (the
+            draws depend on the batch layout), one per row (each row's draws depend only on its own generator), or
+            `None` for torch's global RNG.
+        temperature (`float`, defaults to 1.0): softmax temperature.
+        top_k (`int`, *optional*): keep only the `top_k` most likely tokens.
+        top_p (`float`, *optional*): keep the smallest set of tokens whose probability reaches `top_p`.
+    """
+
+    def __init__(self, generator=None, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None):
+        self.generator = generator
+        self.warpers = LogitsProcessorList()
+        if temperature != 1.0:
+            self.warpers.append(TemperatureLogitsWarper(temperature))
+        if top_k:
+            self.warpers.append(TopKLogitsWarper(top_k))
+        if top_p is not None and top_p < 1.0:
+            self.warpers.append(TopPLogitsWarper(top_p))
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scores = self.warpers(input_ids, scores)
+        tokens = (scores + self._gumbel_noise(scores)).argmax(dim=-1)
+        drawn = torch.full_like(scores, -float("inf"))
+        return drawn.scatter_(1, tokens[:, None], 0.0)
+
+    def _gumbel_noise(self, scores: torch.Tensor) -> torch.Tensor:
+        batch_size, vocab_size = scores.shape
+        # Drawn on each generator's own device (as diffusers' randn_tensor does), so a CPU generator makes the same
+        # draws whatever device the model runs on.
+        if isinstance(self.generator, list):
+            if len(self.generator) != batch_size:
+                raise ValueError(f"Got {len(self.generator)} generators for a batch of {batch_size} rows.")
+            uniform = torch.stack([torch.rand(vocab_size, generator=g, device=g.device) for g in self.generator])
+        elif self.generator is not None:
+            uniform = torch.rand(scores.shape, generator=self.generator, device=self.generator.device)
+        else:
+            uniform = torch.rand(scores.shape, device=scores.device)
+        # torch.rand is in [0, 1): a 0 gives -inf noise (that token is skipped), never NaN.
+        return -torch.log(-torch.log(uniform.to(scores.device)))
+
+
+class _ProgressBarLogitsProcessor(LogitsProcessor):
+    """Advances a progress bar once per generated token: generate calls its processors once per step."""
+
+    def __init__(self, progress_bar):
+        self.progress_bar = progress_bar
+
+    def __call__(self, input_ids, scores):
+        self.progress_bar.update()
+        return scores
+
+
+def _imagenet_id2label() -> dict[int, str]:
+    text = resources.files("rar_hf").joinpath("imagenet_id2label.json").read_text(encoding="utf-8")
+    return {int(k): v for k, v in json.loads(text).items()}
+
+
+class RARPipeline(DiffusionPipeline):
+    r"""
+    Class-conditional image generation with RAR (Randomized AutoRegressive visual generation, arXiv 2411.00776).
+
+    The generator samples the image tokens one by one in raster order (classifier-free guidance with a per-step
+    scale, KV cache); the MaskGIT-VQGAN tokenizer decodes them to pixels. There is no scheduler and no latent noise:
+    all randomness is in the token draws, which `generator` controls.
+
+    Parameters:
+        transformer ([`RARForImageGeneration`]): the token generator.
+        vqvae ([`MaskGITVQModel`]): the tokenizer that decodes image tokens to pixels.
+        id2label (`dict[int, str]`, *optional*): class names, comma-separated synonyms allowed (ImageNet style).
+            Defaults to the 1000 ImageNet names when the generator has 1000 classes, else to `{i: str(i)}`. Saved in
+            `model_index.json` (which gives the keys back as strings; both are accepted).
+
+    Attributes:
+        id2label (`dict[int, str]`): the class names.
+        labels (`dict[str, list[int]]`): every lower-cased name and synonym -> its class ids (more than one id for
+            the few names ImageNet reuses, e.g. `"crane"`); what [`get_label_ids`] looks names up in.
+
+    Loading. Import `rar_hf` first: it provides the component classes that `model_index.json` names.
+
+    ```py
+    >>> from rar_hf import RARPipeline
+
+    >>> pipe = RARPipeline.from_pretrained("path/or/hub-id")  # recommended
+    ```
+
+    `diffusers.DiffusionPipeline.from_pretrained(path)` alone fails (`module diffusers has no attribute
+    RARPipeline`): diffusers looks the class up in its own namespace. `save_pretrained` therefore also writes a
+    one-line `pipeline_rar.py` (it imports this class from the installed package), so the generic loader works with
+    `DiffusionPipeline.from_pretrained(path, custom_pipeline="pipeline_rar", trust_remote_code=True)`.
+    """
+
+    model_cpu_offload_seq = "transformer->vqvae"
+
+    def __init__(
+        self,
+        transformer: RARForImageGeneration,
+        vqvae: MaskGITVQModel,
+        id2label: dict[int, str] | dict[str, str] | None = None,
+    ):
+        super().__init__()
+        self.register_modules(transformer=transformer, vqvae=vqvae)
+        num_classes = transformer.config.num_classes
+        if id2label is None:
+            id2label = _imagenet_id2label() if num_classes == 1000 else {i: str(i) for i in range(num_classes)}
+        id2label = {int(k): str(v) for k, v in id2label.items()}
+        if set(id2label) != set(range(num_classes)):
+            raise ValueError(f"id2label must name every class id 0..{num_classes - 1} exactly once.")
+        self.register_to_config(id2label=id2label)
+        self.id2label = id2label
+        self.labels: dict[str, list[int]] = {}
+        for class_id, name in sorted(id2label.items()):
+            for synonym in {name, *name.split(",")}:
+                key = synonym.strip().lower()
+                if key and class_id not in self.labels.setdefault(key, []):
+                    self.labels[key].append(class_id)
+
+    def get_label_ids(self, labels) -> list[int | None]:
+        r"""
+        Map class names and/or ids to class ids.
+
+        Args:
+            labels (`str`, `int`, `None` or a list of them): a string is one class name (any of its comma-separated
+                synonyms, case-insensitive, e.g. `"white shark"`); ints are class ids and are range-checked; `None`
+                is the unconditional (null) class.
+
+        Returns:
+            `list[int | None]`: one class id per label.
+
+        Raises:
+            ValueError: empty input, an id out of range, an unknown name (the error suggests close matches) or a
+                name shared by several classes.
+
+        Example:
+
+        ```py
+        >>> pipe.get_label_ids("white shark"), pipe.get_label_ids(["tench", 207])
+        ([2], [0, 207])
+        ```
+        """
+        if isinstance(labels, torch.Tensor):
+            labels = labels.flatten().tolist()
+        if labels is None or isinstance(labels, (str, numbers.Integral)):
+            labels = [labels]
+        labels = list(labels)
+        if not labels:
+            raise ValueError("class_labels is empty: pass at least one class id or name.")
+        return [self._label_id(label) for label in labels]
+
+    def _label_id(self, label) -> int | None:
+        num_classes = self.transformer.config.num_classes
+        if label is None:
+            return None
+        if isinstance(label, str):
+            ids = self.labels.get(label.strip().lower())
+            if ids is None:
+                close = difflib.get_close_matches(label.strip().lower(), self.labels, n=5)
+                hint = f" Did you mean one of {close}?" if close else " See `pipe.labels` for the known names."
+                raise ValueError(f"Unknown class name {label!r}.{hint}")
+            if len(ids) > 1:
+                choices = ", ".join(f"{i} ({self.id2label[i]!r})" for i in ids)
+                raise ValueError(f"Class name {label!r} is ambiguous: it names classes {choices}. Pass the id instead.")
+            return ids[0]
+        if isinstance(label, numbers.Integral) and not isinstance(label, bool):
+            if not 0 <= label < num_classes:
+                raise ValueError(f"Class id {label} is out of range: this model has classes 0..{num_classes - 1}.")
+            return int(label)
+        raise TypeError(f"A class label must be a name (str), an id (int) or None, got {label!r}.")
+
+    def save_pretrained(self, save_directory, **kwargs):
+        # Written first so that `push_to_hub=True` uploads it too.
+        Path(save_directory).mkdir(parents=True, exist_ok=True)
+        Path(save_directory, f"{LOADER_MODULE_NAME}.py").write_text(_LOADER_MODULE, encoding="utf-8")
+        super().save_pretrained(save_directory, **kwargs)
+
+    def _random_orders(self, batch_size: int, generator, device) -> torch.LongTensor:
+        """One random generation order per image, drawn from that image's generator."""
+        length = self.transformer.config.image_seq_len
+        generators = generator if isinstance(generator, list) else [generator] * batch_size
+        orders = [torch.randperm(length, generator=g, device=g.device if g is not None else None) for g in generators]
+        return torch.stack([order.to(device) for order in orders])
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        class_labels,
+        num_images_per_label: int = 1,
+        guidance_scale: float | None = None,
+        guidance_schedule: str = "pow-cosine",
+        guidance_scale_pow: float | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        use_cache: bool = True,
+        cache_implementation: str | None = None,
+        orders=None,
+    ) -> RARPipelineOutput | tuple:
+        r"""
+        Generate images of the given classes.
+
+        Args:
+            class_labels (`int`, `str`, `None` or a list of them): class ids, class names (see [`get_label_ids`]) or
+                `None` for unconditional samples.
+            num_images_per_label (`int`, defaults to 1): images per label; the batch holds them label by label
+                (`[a, a, b, b]`), so they tile as one grid row per label.
+            guidance_scale (`float`, *optional*): classifier-free guidance scale; defaults to
+                `transformer.config.sampling_defaults["guidance_scale"]` (the paper's value for official sizes).
+                `1.0` disables guidance (and halves the compute).
+            guidance_schedule (`str`, defaults to `"pow-cosine"`): how the scale grows over the tokens: `"pow-cosine"`
+                (official), `"linear"` or `"constant"`.
+            guidance_scale_pow (`float`, *optional*): exponent of the pow-cosine schedule; defaults to the config's.
+            temperature (`float`, *optional*): sampling temperature; defaults to the config's.
+            top_k (`int`, *optional*): sample only among the `top_k` most likely tokens (not used by the paper).
+            top_p (`float`, *optional*): nucleus sampling threshold (not used by the paper).
+            generator (`torch.Generator` or `list[torch.Generator]`, *optional*): makes sampling deterministic. With a
+                list (one generator per image), each image depends only on its own generator and label, whatever
+                else is in the batch (up to floating-point differences between batch sizes, which can flip a
+                near-tie). `None` uses torch's global RNG.
+            output_type (`str`, defaults to `"pil"`): `"pil"` (list of `PIL.Image`), `"np"` (`(B, H, W, 3)` array),
+                `"pt"` (`(B, 3, H, W)` tensor) or `"tokens"` (skip decoding; `images` is `None`).
+            return_dict (`bool`, defaults to `True`): return a [`RARPipelineOutput`] instead of a tuple.
+            use_cache (`bool`, defaults to `True`): decode with a KV cache (the output is the same either way).
+            cache_implementation (`str`, *optional*): transformers cache type, e.g. `"static"` (for torch.compile).
+            orders (*optional*): generation order: `None`/`"raster"` (how RAR is used), `"random"` (one permutation
+                per image, drawn from `generator`), a scan-order name or a `(B, image_seq_len)` tensor. Orders other
+                than raster need a model whose target-aware position embedding is not folded.
+
+        Returns:
+            [`RARPipelineOutput`] with `images` and `tokens`, or the tuple `(images, tokens)` if `return_dict` is
+            `False`.
+
+        Example:
+
+        ```py
+        >>> import torch
+        >>> from rar_hf import RARPipeline
+
+        >>> pipe = RARPipeline.from_pretrained("path/or/hub-id").to("cuda")
+        >>> generator = torch.Generator("cuda").manual_seed(0)
+        >>> images = pipe(["golden retriever", 88], num_images_per_label=4, generator=generator).images
+        ```
+        """
+        # 1. Check the inputs before any compute.
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+        if type(num_images_per_label) is not int or num_images_per_label < 1:  # `is`: bools are ints too
+            raise ValueError(f"num_images_per_label must be a positive int, got {num_images_per_label!r}.")
+        label_ids = [i for i in self.get_label_ids(class_labels) for _ in range(num_images_per_label)]
+        batch_size = len(label_ids)
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(
+                f"Got {len(generator)} generators for {batch_size} images (labels x num_images_per_label): pass one "
+                "generator per image, or a single generator."
+            )
+        device = self._execution_device
+        config = self.transformer.config
+        temperature = config.sampling_defaults["temperature"] if temperature is None else temperature
+        if isinstance(orders, str) and orders == "random":
+            orders = self._random_orders(batch_size, generator, device)
+
+        # 2. Sample the image tokens with transformers' generation loop (guidance, cache). The draws happen in our
+        #    seeded sampler, placed after the guidance processor; generate's greedy pick just reads them back.
+        sampler = RARSamplingLogitsProcessor(generator, temperature=temperature, top_k=top_k, top_p=top_p)
+        with self.progress_bar(total=config.image_seq_len) as progress_bar:
+            sequences = self.transformer.generate(
+                input_ids=self.transformer.prepare_class_ids(label_ids, device=device),
+                guidance_scale=guidance_scale,
+                guidance_schedule=guidance_schedule,
+                guidance_scale_pow=guidance_scale_pow,
+                orders=orders,
+                logits_processor=LogitsProcessorList([sampler, _ProgressBarLogitsProcessor(progress_bar)]),
+                do_sample=False,
+                use_cache=use_cache,
+                cache_implementation=cache_implementation,
+            )
+        tokens = sequences[:, 1:]  # drop the class token; generate returns raster order whatever the order used
+
+        # 3. Decode the tokens to pixels in [0, 1].
+        images = None
+        if output_type != "tokens":
+            images = self.vqvae.decode(tokens, latent_size=tuple(config.latent_size)).sample
+            if output_type != "pt":
+                # float32 for numpy/PIL whatever the compute dtype (bfloat16 has no numpy equivalent).
+                images = images.cpu().permute(0, 2, 3, 1).float().numpy()
+                if output_type == "pil":
+                    images = self.numpy_to_pil(images)
+
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return images, tokens
+        return RARPipelineOutput(images=images, tokens=tokens)

@@ -1,0 +1,192 @@
+"""`python -m rar_hf.convert`: official checkpoints -> model / pipeline folders, errors, and the Hub upload."""
+
+import json
+from pathlib import Path
+
+import huggingface_hub
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from safetensors.torch import load_file
+
+from rar_hf import RARConfig, RARForImageGeneration
+from rar_hf.convert import main
+from rar_hf.model_card import write_model_card
+
+V, C, L = 1024, 1000, 256
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    # The CPU cores are shared with other jobs: several torch threads then stall each other (10x slower here).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+@pytest.fixture(scope="module")
+def converted_dir(rar_fixture_dir, tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("converted") / "rar-tiny"
+    main(["--generator", str(rar_fixture_dir / "generator.bin"), "--output_dir", str(output_dir)])
+    return output_dir
+
+
+@pytest.fixture(scope="module")
+def official_state_dict(rar_fixture_dir):
+    return torch.load(rar_fixture_dir / "generator.bin", map_location="cpu", weights_only=True)
+
+
+@torch.no_grad()
+def test_converted_folder_matches_official_train_logits(converted_dir, rar_fixture_dir):
+    model = RARForImageGeneration.from_pretrained(converted_dir).eval()
+    cases = load_file(str(rar_fixture_dir / "cases.safetensors"))
+    orders = cases["orders"]
+    input_ids = torch.cat([(cases["class_labels"] + V + 1)[:, None], cases["tokens"].gather(1, orders)], dim=1)
+    logits = model(input_ids=input_ids, orders=orders).logits
+    assert (logits - cases["train_logits"]).abs().max().item() < 1e-5
+
+
+def test_converted_config_is_inferred_from_shapes(converted_dir):
+    config = json.loads((converted_dir / "config.json").read_text())
+    expected = dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=256,
+        image_seq_len=L,
+        codebook_size=V,
+        num_classes=C,
+    )
+    assert {key: config[key] for key in expected} == expected
+
+
+def _save_modified(state_dict, path, edit):
+    modified = dict(state_dict)
+    edit(modified)
+    torch.save(modified, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "edit, listed",
+    [
+        (lambda sd: sd.pop("blocks.1.mlp.fc2.bias"), "model.layers.1.mlp.fc2.bias"),
+        (lambda sd: sd.__setitem__("blocks.0.attn.extra.weight", torch.zeros(3)), "blocks.0.attn.extra.weight"),
+        (
+            lambda sd: sd.__setitem__("blocks.1.norm2.weight", torch.zeros(63)),
+            "model.layers.1.post_attention_layernorm.weight",
+        ),
+    ],
+    ids=["missing", "unexpected", "mis-shaped"],
+)
+def test_bad_keys_are_listed(official_state_dict, tmp_path, edit, listed):
+    path = _save_modified(official_state_dict, tmp_path / "bad.bin", edit)
+    with pytest.raises(ValueError, match=listed.replace(".", r"\.")):
+        main(["--generator", str(path), "--output_dir", str(tmp_path / "out")])
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.bin"):
+        main(["--generator", str(tmp_path / "nope.bin"), "--output_dir", str(tmp_path / "out")])
+
+
+def test_truncated_file(rar_fixture_dir, tmp_path):
+    data = (rar_fixture_dir / "generator.bin").read_bytes()
+    path = tmp_path / "truncated.bin"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated"):
+        main(["--generator", str(path), "--output_dir", str(tmp_path / "out")])
+
+
+def test_tokenizer_given_as_generator(vqgan_fixture_dir, tmp_path):
+    with pytest.raises(ValueError, match="Not an official RAR generator checkpoint"):
+        main(["--generator", str(vqgan_fixture_dir / "tokenizer.bin"), "--output_dir", str(tmp_path / "out")])
+
+
+def test_pipeline_folder_and_push_to_hub(rar_fixture_dir, vqgan_fixture_dir, tmp_path, monkeypatch):
+    calls = []
+
+    def fake_create_repo(repo_id, private=False, exist_ok=False, **kwargs):
+        calls.append(("create_repo", repo_id, private))
+
+    def fake_upload_folder(repo_id, folder_path, commit_message=None, **kwargs):
+        uploaded = sorted(p.relative_to(folder_path).as_posix() for p in Path(folder_path).rglob("*"))
+        calls.append(("upload_folder", repo_id, folder_path, uploaded))
+        return f"https://huggingface.co/{repo_id}/commit/0"
+
+    # convert imports these names from huggingface_hub when it pushes: nothing reaches the network.
+    monkeypatch.setattr(huggingface_hub, "create_repo", fake_create_repo)
+    monkeypatch.setattr(huggingface_hub, "upload_folder", fake_upload_folder)
+    output_dir = tmp_path / "rar-tiny"
+    main(
+        [
+            "--generator", str(rar_fixture_dir / "generator.bin"),
+            "--tokenizer", str(vqgan_fixture_dir / "tokenizer.bin"),
+            "--output_dir", str(output_dir),
+            "--push_to_hub", "org/rar-tiny",
+            "--private",
+        ]
+    )  # fmt: skip
+
+    index = json.loads((output_dir / "model_index.json").read_text())
+    assert index["_class_name"] == "RARPipeline"
+    assert index["transformer"] == ["rar_hf.modeling_rar", "RARForImageGeneration"]
+    assert index["vqvae"] == ["rar_hf.modeling_maskgit_vqgan", "MaskGITVQModel"]
+    assert index["id2label"]["0"] == "tench, Tinca tinca" and len(index["id2label"]) == C
+
+    card = ModelCard.load(output_dir / "README.md")
+    assert card.data.license == "apache-2.0"
+    assert card.data.library_name == "diffusers"
+    assert card.data.pipeline_tag == "unconditional-image-generation"
+    assert {"image-generation", "autoregressive", "class-conditional", "rar"} <= set(card.data.tags)
+    assert card.data.eval_results is None  # not an official size: no paper metrics
+    assert 'RARPipeline.from_pretrained("org/rar-tiny")' in card.text
+    assert "2411.00776" in card.text
+
+    assert calls[0] == ("create_repo", "org/rar-tiny", True)
+    name, repo_id, folder_path, uploaded = calls[1]
+    assert (name, repo_id, folder_path) == ("upload_folder", "org/rar-tiny", str(output_dir))
+    expected_files = {
+        "README.md",
+        "model_index.json",
+        "pipeline_rar.py",
+        "transformer/config.json",
+        "transformer/model.safetensors",
+        "vqvae/config.json",
+        "vqvae/diffusion_pytorch_model.safetensors",
+    }
+    assert expected_files <= set(uploaded)
+
+
+@pytest.mark.parametrize(
+    "size, fid, inception_score, guidance",
+    [
+        ("rar-b", 1.95, 290.5, 16.0),
+        ("rar-l", 1.70, 299.5, 15.5),
+        ("rar-xl", 1.50, 306.9, 6.9),
+        ("rar-xxl", 1.48, 326.0, 8.0),
+    ],
+)
+def test_official_model_cards(tmp_path, size, fid, inception_score, guidance):
+    path = write_model_card(tmp_path, RARConfig.from_preset(size), repo_id=f"org/{size}")
+    card = ModelCard.load(path)
+    assert card.data.datasets == ["ILSVRC/imagenet-1k"] and "imagenet" in card.data.tags
+    assert card.data.model_name == size.upper()
+    metrics = {result.metric_type: result.metric_value for result in card.data.eval_results}
+    assert metrics == {"fid": fid, "inception_score": inception_score}
+    assert f'RARPipeline.from_pretrained("org/{size}")' in card.text
+    assert f"| guidance scale | {guidance} |" in card.text
+    assert "Randomized Autoregressive Visual Generation" in card.text and "Yu, Qihang" in card.text
+
+
+def test_generic_model_card_records_training(tmp_path):
+    config = RARConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, num_classes=10)
+    training = {"dataset": "ylecun/mnist", "steps": 2000}
+    card = ModelCard.load(write_model_card(tmp_path / "tiny-digits", config, training=training))
+    assert card.data.datasets == ["ylecun/mnist"] and card.data.eval_results is None
+    assert "# tiny-digits" in card.text and "- **steps**: 2000" in card.text
+    assert 'RARPipeline.from_pretrained("path/to/tiny-digits")' in card.text
+    # An official size trained here is not the paper's checkpoint: no paper metrics.
+    trained_xl = write_model_card(tmp_path / "xl", RARConfig.from_preset("rar-xl"), training=training)
+    assert ModelCard.load(trained_xl).data.eval_results is None

@@ -1,0 +1,292 @@
+"""RARPipeline: sampling, reproducibility, outputs, labels, save/load, generic loading and the example script."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+from PIL import Image
+
+from rar_hf import RARConfig, RARForImageGeneration
+from rar_hf.convert import main as convert_main
+from rar_hf.modeling_maskgit_vqgan import MaskGITVQModel
+from rar_hf.pipeline_rar import RARPipeline, RARPipelineOutput, RARSamplingLogitsProcessor
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    # The CPU cores are shared with other jobs: several torch threads then stall each other (10x slower here).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+def tiny_pipeline(num_classes=3, id2label=None, seed=0):
+    """16 tokens on a 4x4 grid, codebook 16, decoded to 8x8 images."""
+    torch.manual_seed(seed)
+    config = RARConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        codebook_size=16,
+        num_classes=num_classes,
+        image_seq_len=16,
+        dropout=0.0,
+        attention_dropout=0.0,
+        sampling_defaults=dict(guidance_scale=3.0, guidance_scale_pow=1.0, temperature=1.0),
+    )
+    transformer = RARForImageGeneration(config).eval()
+    with torch.no_grad():  # adaLN-zero makes a fresh model ignore its input: randomise so tokens depend on it
+        for parameter in transformer.parameters():
+            parameter.normal_(0, 0.3)
+    vqvae = MaskGITVQModel(hidden_channels=32, channel_mult=(1, 2), codebook_size=16, latent_channels=8, sample_size=8)
+    pipe = RARPipeline(transformer=transformer, vqvae=vqvae.eval(), id2label=id2label)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_pipeline()
+
+
+def seeded(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+@torch.no_grad()
+def test_output_types_and_decoding(pipe):
+    out = pipe([0, 2], generator=seeded(0), output_type="pt")
+    assert isinstance(out, RARPipelineOutput)
+    assert out.images.shape == (2, 3, 8, 8) and out.tokens.shape == (2, 16)
+    assert out.images.min() >= 0 and out.images.max() <= 1
+    assert out.tokens.min() >= 0 and out.tokens.max() < 16
+    # The images are the decoded generated tokens.
+    torch.testing.assert_close(out.images, pipe.vqvae.decode(out.tokens, latent_size=(4, 4)).sample)
+
+    as_np = pipe([0, 2], generator=seeded(0), output_type="np").images
+    torch.testing.assert_close(torch.from_numpy(as_np), out.images.permute(0, 2, 3, 1))
+    as_pil = pipe([0, 2], generator=seeded(0), output_type="pil").images
+    assert [image.size for image in as_pil] == [(8, 8), (8, 8)]
+    tokens_only = pipe([0, 2], generator=seeded(0), output_type="tokens")
+    assert tokens_only.images is None and torch.equal(tokens_only.tokens, out.tokens)
+    images, tokens = pipe([0, 2], generator=seeded(0), output_type="pt", return_dict=False)
+    assert torch.equal(images, out.images) and torch.equal(tokens, out.tokens)
+
+
+def test_seeded_generator_reproduces_and_seeds_differ(pipe):
+    first = pipe([0, 1], num_images_per_label=2, generator=seeded(0), output_type="tokens").tokens
+    again = pipe([0, 1], num_images_per_label=2, generator=seeded(0), output_type="tokens").tokens
+    other = pipe([0, 1], num_images_per_label=2, generator=seeded(1), output_type="tokens").tokens
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+    # torch's global RNG drives generator=None, so manual_seed reproduces too.
+    torch.manual_seed(5)
+    global_first = pipe([0], output_type="tokens").tokens
+    torch.manual_seed(5)
+    assert torch.equal(global_first, pipe([0], output_type="tokens").tokens)
+
+
+def test_generator_list_makes_each_image_independent_of_the_batch(pipe):
+    generators = [seeded(seed) for seed in (10, 11, 12, 13)]
+    batch = pipe([0, 1], num_images_per_label=2, generator=generators, output_type="tokens").tokens
+    # Images are laid out label by label, [0, 0, 1, 1]: the last two alone, with their own generators.
+    alone = pipe([1], num_images_per_label=2, generator=[seeded(12), seeded(13)], output_type="tokens").tokens
+    assert torch.equal(batch[2:], alone)
+    single = pipe(0, generator=[seeded(11)], output_type="tokens").tokens
+    assert torch.equal(batch[1:2], single)
+
+
+@pytest.mark.parametrize("options", [dict(use_cache=False), dict(cache_implementation="static")])
+def test_cache_choice_does_not_change_samples(pipe, options):
+    reference = pipe([0, 1], generator=seeded(3), output_type="tokens").tokens
+    assert torch.equal(pipe([0, 1], generator=seeded(3), output_type="tokens", **options).tokens, reference)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(orders="random"), dict(class_labels=[None, None]), dict(top_k=3, top_p=0.8, temperature=0.7)],
+    ids=["random-orders", "unconditional", "top-k-top-p"],
+)
+def test_sampling_options_are_seeded(pipe, options):
+    options = {"class_labels": [0, 1], **options}
+    first = pipe(generator=seeded(4), output_type="tokens", **options).tokens
+    assert first.shape == (2, 16)
+    assert torch.equal(first, pipe(generator=seeded(4), output_type="tokens", **options).tokens)
+
+
+def test_sampler_draws_from_the_warped_distribution():
+    scores = torch.tensor([0.0, 1.0, 2.0, 3.0]).expand(20000, 4).clone()
+    processor = RARSamplingLogitsProcessor(seeded(0), temperature=2.0)
+    drawn = processor(None, scores.clone())
+    assert torch.isinf(drawn).sum(1).eq(3).all() and drawn.max(1).values.eq(0).all()
+    frequencies = torch.bincount(drawn.argmax(1), minlength=4) / 20000
+    torch.testing.assert_close(frequencies, torch.softmax(scores[0] / 2.0, -1), atol=0.015, rtol=0)
+
+    top_k = RARSamplingLogitsProcessor(seeded(0), temperature=2.0, top_k=2)(None, scores.clone()).argmax(1)
+    assert set(top_k.unique().tolist()) == {2, 3}
+
+
+def test_progress_bar_counts_tokens_and_can_be_disabled(capfd):
+    pipe = tiny_pipeline()
+    stream = io.StringIO()
+    pipe.set_progress_bar_config(file=stream)
+    pipe([0], generator=seeded(0), output_type="tokens")
+    assert "16/16" in stream.getvalue()
+
+    pipe.set_progress_bar_config(disable=True)
+    capfd.readouterr()
+    pipe([0], generator=seeded(0), output_type="tokens")
+    captured = capfd.readouterr()
+    assert "16/16" not in captured.err + captured.out
+
+
+def test_to_dtype(pipe):
+    pipe64 = tiny_pipeline().to("cpu", torch.float64)
+    out = pipe64([0], generator=seeded(0), output_type="pt")
+    assert pipe64.transformer.dtype == pipe64.vqvae.dtype == torch.float64
+    assert out.images.dtype == torch.float64 and pipe64._execution_device.type == "cpu"
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(class_labels=[]), "empty"),
+        (dict(class_labels=[3]), "out of range"),
+        (dict(class_labels=["nine"]), "Unknown class name"),
+        (dict(class_labels=[0], output_type="latent"), "output_type"),
+        (dict(class_labels=[0], num_images_per_label=0), "num_images_per_label"),
+        (dict(class_labels=[0, 1], generator=[torch.Generator()]), "generators for 2 images"),
+    ],
+)
+def test_invalid_inputs_fail_before_sampling(pipe, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        pipe(**kwargs)
+
+
+# ------------------------------------------------------------------------------------------------ labels
+@pytest.fixture(scope="module")
+def imagenet_pipe():
+    return tiny_pipeline(num_classes=1000)
+
+
+def test_imagenet_labels(imagenet_pipe):
+    pipe = imagenet_pipe
+    assert pipe.id2label[0] == "tench, Tinca tinca"
+    for name in ("tench", "Tinca tinca", "TENCH", " tench ", "tench, Tinca tinca"):
+        assert pipe.get_label_ids(name) == [0]
+    assert pipe.get_label_ids("white shark") == [2]  # one label, not one per character
+    assert pipe.get_label_ids(["white shark", 207, None]) == [2, 207, None]
+    with pytest.raises(ValueError, match="white shark") as error:
+        pipe.get_label_ids("whte shark")
+    assert "great white shark" in str(error.value)
+    with pytest.raises(ValueError, match="ambiguous.*134.*517"):
+        pipe.get_label_ids("crane")
+    for bad in (1000, -1):
+        with pytest.raises(ValueError, match="out of range"):
+            pipe.get_label_ids(bad)
+    with pytest.raises(TypeError):
+        pipe.get_label_ids(True)
+
+
+def test_default_labels_for_other_class_counts(pipe):
+    assert pipe.id2label == {0: "0", 1: "1", 2: "2"}
+    assert pipe.get_label_ids(["2", 1]) == [2, 1]
+    with pytest.raises(ValueError, match="every class id"):
+        RARPipeline(pipe.transformer, pipe.vqvae, id2label={0: "a", 1: "b"})
+
+
+# ------------------------------------------------------------------------------------------------ save / load
+@pytest.fixture(scope="module")
+def saved_pipeline(tmp_path_factory):
+    pipe = tiny_pipeline(id2label={0: "zero, nought", 1: "one", 2: "two"})
+    folder = tmp_path_factory.mktemp("pipelines") / "tiny"
+    pipe.save_pretrained(folder)
+    return pipe, folder
+
+
+def test_save_load_round_trip(saved_pipeline):
+    pipe, folder = saved_pipeline
+    assert json.loads((folder / "model_index.json").read_text())["id2label"]["0"] == "zero, nought"
+    loaded = RARPipeline.from_pretrained(folder)
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.id2label == pipe.id2label
+    assert loaded.get_label_ids(["nought", "two"]) == [0, 2]
+    expected = pipe(["one"], generator=seeded(7), output_type="pt")
+    actual = loaded(["one"], generator=seeded(7), output_type="pt")
+    assert torch.equal(actual.tokens, expected.tokens)
+    torch.testing.assert_close(actual.images, expected.images)
+
+
+def test_generic_diffusion_pipeline_loading(saved_pipeline, tmp_path, monkeypatch):
+    import diffusers.utils.dynamic_modules_utils as dynamic_modules
+
+    _, folder = saved_pipeline
+    # diffusers looks `_class_name` up in its own namespace: the plain generic call cannot work.
+    with pytest.raises(AttributeError, match="RARPipeline"):
+        DiffusionPipeline.from_pretrained(folder)
+    # The loader module written beside model_index.json makes the documented generic call work.
+    monkeypatch.setattr(dynamic_modules, "HF_MODULES_CACHE", str(tmp_path))  # keep ~/.cache untouched
+    monkeypatch.syspath_prepend(str(tmp_path))
+    loaded = DiffusionPipeline.from_pretrained(folder, custom_pipeline="pipeline_rar", trust_remote_code=True)
+    assert type(loaded) is RARPipeline
+    assert loaded.id2label[0] == "zero, nought"
+
+
+def test_example_script_writes_a_grid(saved_pipeline, tmp_path):
+    _, folder = saved_pipeline
+    output = tmp_path / "x.png"
+    command = [sys.executable, "examples/generate.py", "--model", str(folder), "--class_labels", "0", "one"]
+    command += ["--num_images_per_label", "2", "--device", "cpu", "--output_path", str(output)]
+    result = subprocess.run(
+        command,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == str(output)
+    assert "16/16" in result.stderr  # the pipeline's progress bar is shown
+    with Image.open(output) as grid:
+        assert grid.size == (2 * 8, 2 * 8)  # 2 images per label x 2 labels, 8x8 pixels each
+
+
+# ------------------------------------------------------------------------------------------------ official layout
+@pytest.fixture(scope="module")
+def converted_pipeline(rar_fixture_dir, vqgan_fixture_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("converted") / "rar-fixture"
+    convert_main(
+        [
+            "--generator", str(rar_fixture_dir / "generator.bin"),
+            "--tokenizer", str(vqgan_fixture_dir / "tokenizer.bin"),
+            "--output_dir", str(folder),
+        ]
+    )  # fmt: skip
+    pipe = RARPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def test_converted_fixture_pipeline_end_to_end(converted_pipeline):
+    # The fixture generator makes a 16x16 grid; the fully convolutional f=16 tokenizer decodes it to 256x256.
+    pipe = converted_pipeline
+    out = pipe(["tench", 1], guidance_scale=4.0, generator=seeded(0), output_type="pt")
+    assert out.images.shape == (2, 3, 256, 256) and out.tokens.shape == (2, 256)
+    assert out.images.min() >= 0 and out.images.max() <= 1
+    torch.testing.assert_close(out.images, pipe.vqvae.decode(out.tokens, latent_size=(16, 16)).sample)
+    again = pipe(["tench", 1], guidance_scale=4.0, generator=seeded(0), output_type="tokens").tokens
+    other = pipe(["tench", 1], guidance_scale=4.0, generator=seeded(1), output_type="tokens").tokens
+    assert torch.equal(again, out.tokens) and not torch.equal(other, out.tokens)
