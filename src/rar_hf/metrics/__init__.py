@@ -1,0 +1,1 @@
+"""ImageNet evaluation metrics (ADM definitions) and the TF-Inception feature extractor."""
