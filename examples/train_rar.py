@@ -309,7 +309,8 @@ def main(args):
     else:
         model = RARForImageGeneration(build_config(args, vqvae))
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        # activation_checkpointing_enable is the name since transformers 5.2x; gradient_checkpointing_enable before.
+        getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
     config = model.config
     ema = None
     if args.use_ema:

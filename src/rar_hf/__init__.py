@@ -1,12 +1,12 @@
 """rar-hf: Randomized Autoregressive visual generation (RAR) on transformers, diffusers and accelerate."""
 
+from importlib import import_module
+
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_rar import RAR_PRESETS, RAR_SAMPLING_DEFAULTS, RARConfig
 from .generation_rar import GUIDANCE_SCHEDULES, RARClassifierFreeGuidanceLogitsProcessor, guidance_scale_at, guidance_scales
-from .modeling_maskgit_vqgan import MaskGITVQModel
 from .modeling_rar import RARForImageGeneration, RARModel, RARPreTrainedModel
-from .pipeline_rar import RARPipeline, RARPipelineOutput
 
 __version__ = "0.1.0"
 
@@ -14,18 +14,29 @@ AutoConfig.register("rar", RARConfig, exist_ok=True)
 AutoModel.register(RARConfig, RARModel, exist_ok=True)
 AutoModelForCausalLM.register(RARConfig, RARForImageGeneration, exist_ok=True)
 
+# The diffusers-based parts load on first use, so the transformers model works where diffusers is not installed.
+_LAZY = {
+    "MaskGITVQModel": ".modeling_maskgit_vqgan",
+    "RARPipeline": ".pipeline_rar",
+    "RARPipelineOutput": ".pipeline_rar",
+}
+
 __all__ = [
     "GUIDANCE_SCHEDULES",
-    "MaskGITVQModel",
     "RAR_PRESETS",
     "RAR_SAMPLING_DEFAULTS",
     "RARClassifierFreeGuidanceLogitsProcessor",
     "RARConfig",
     "RARForImageGeneration",
     "RARModel",
-    "RARPipeline",
-    "RARPipelineOutput",
     "RARPreTrainedModel",
     "guidance_scale_at",
     "guidance_scales",
+    *_LAZY,
 ]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -212,24 +212,35 @@ class RARModel(RARPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         cache: Cache | None = None,
         use_cache: bool | None = None,
+        cache_position: torch.LongTensor | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
+        r"""
+        condition_ids (`torch.LongTensor` of shape `(B,)`, *optional*):
+            The class token of each row; needed when `input_ids` continues a cached sequence (it then holds only the
+            new image tokens). By default `input_ids[:, 0]`.
+        cache_position (`torch.LongTensor`, *optional*):
+            Sequence positions (cls = 0, condition = 1) of this call's slots. When it has one more entry than
+            `input_ids`, the call starts the sequence and the cls slot is prepended. Passing it (as `generate()` does)
+            avoids reading the cache length, which is a device tensor for a static cache.
+        """
         use_cache = use_cache if use_cache is not None else False
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
-        past_length = cache.get_seq_length() if cache is not None else 0
+        if cache_position is None:
+            past_length = int(cache.get_seq_length()) if cache is not None else 0
+            new_slots = input_ids.shape[1] + (1 if past_length == 0 else 0)
+            cache_position = torch.arange(past_length, past_length + new_slots, device=input_ids.device)
+        starts_sequence = cache_position.shape[0] == input_ids.shape[1] + 1
         batch_size = input_ids.shape[0]
-        if past_length == 0:
+        embeds = self.embed_tokens(input_ids)
+        if starts_sequence:
             # The condition comes first in input_ids; the learned cls slot is prepended here.
             condition_ids = input_ids[:, 0]
-            embeds = self.embed_tokens(input_ids)
             embeds = torch.cat([self.cls_token.expand(batch_size, -1, -1).to(embeds.dtype), embeds], dim=1)
-        else:
-            if condition_ids is None:
-                raise ValueError("Decoding with a non-empty cache needs `condition_ids` (the class token of each row).")
-            embeds = self.embed_tokens(input_ids)
-        seq_len = embeds.shape[1]
-        positions = torch.arange(past_length, past_length + seq_len, device=embeds.device)
+        elif condition_ids is None:
+            raise ValueError("Decoding with a non-empty cache needs `condition_ids` (the class token of each row).")
+        positions = cache_position
         if orders is not None and self.target_aware_position_embedding is None:
             raise ValueError(
                 "This model's target-aware position embedding was folded into its position embedding for raster "
@@ -248,7 +259,7 @@ class RARModel(RARPreTrainedModel):
         for layer in self.layers:
             hidden_states = layer(hidden_states, condition, attention_mask=causal_mask, cache=cache, **kwargs)
 
-        if past_length == 0:
+        if starts_sequence:
             hidden_states, condition = hidden_states[:, 1:], condition[:, 1:]  # cls predicts nothing
         # Official quirk: the final modulation is split as (scale, shift), the reverse of the blocks.
         scale, shift = self.final_adaln_modulation(F.silu(condition)).chunk(2, dim=-1)
@@ -352,13 +363,18 @@ class RARForImageGeneration(RARPreTrainedModel, GenerationMixin):
         attention_mask: torch.Tensor | None = None,
         cache: Cache | None = None,
         use_cache: bool | None = None,
+        cache_position: torch.LongTensor | None = None,
         logits_to_keep: int = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         if input_ids is None:
             raise ValueError("RARForImageGeneration needs input_ids: the class token followed by image tokens.")
-        first_pass = cache is None or cache.get_seq_length() == 0
-        if first_pass and not torch.compiler.is_compiling():
+        if cache_position is None:
+            starts_sequence = cache is None or int(cache.get_seq_length()) == 0
+        else:
+            starts_sequence = cache_position.shape[0] == input_ids.shape[1] + 1
+        # Checked once per sequence: the decoding steps only feed tokens that the sampler drew.
+        if starts_sequence and not torch.compiler.is_compiling():
             self._check_inputs(input_ids, orders)
         outputs = self.model(
             input_ids=input_ids,
@@ -366,6 +382,7 @@ class RARForImageGeneration(RARPreTrainedModel, GenerationMixin):
             orders=orders,
             cache=cache,
             use_cache=use_cache,
+            cache_position=cache_position,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -384,18 +401,21 @@ class RARForImageGeneration(RARPreTrainedModel, GenerationMixin):
         self, input_ids, cache=None, attention_mask=None, use_cache=True, orders=None, guidance=False, **kwargs
     ):
         condition_ids = input_ids[:, 0]
-        past_length = cache.get_seq_length() if cache is not None else 0
-        # The cache also holds the cls slot, which is not part of input_ids.
-        model_input_ids = input_ids[:, max(past_length - 1, 0) :]
+        length = input_ids.shape[1]
+        if cache is None or length == 1:
+            # The whole sequence (generate() prompts are one class token): the model prepends the cls slot.
+            model_input_ids = input_ids
+            cache_position = torch.arange(length + 1, device=input_ids.device)
+        else:
+            # The cache holds cls, the condition and all tokens but the newest one: `length` slots.
+            model_input_ids = input_ids[:, -1:]
+            cache_position = torch.tensor([length], device=input_ids.device)
         if guidance:
-            null_ids = torch.full_like(condition_ids, self.config.null_class_id)
-            if past_length == 0:
-                unconditional = model_input_ids.clone()
+            unconditional = model_input_ids.clone()
+            if cache_position.shape[0] == model_input_ids.shape[1] + 1:
                 unconditional[:, 0] = self.config.null_class_id
-            else:
-                unconditional = model_input_ids
             model_input_ids = torch.cat([model_input_ids, unconditional])
-            condition_ids = torch.cat([condition_ids, null_ids])
+            condition_ids = torch.cat([condition_ids, torch.full_like(condition_ids, self.config.null_class_id)])
             if orders is not None:
                 orders = torch.cat([orders, orders])
         return {
@@ -404,6 +424,7 @@ class RARForImageGeneration(RARPreTrainedModel, GenerationMixin):
             "orders": orders,
             "cache": cache,
             "use_cache": use_cache,
+            "cache_position": cache_position,
             "logits_to_keep": 1,
         }
 

@@ -1,0 +1,78 @@
+"""Smoke tests of benchmarks/: the scripts run (tiny model, seconds) and the official-sampler baseline matches generate."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "benchmarks"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+# Runs a script as on the GPU image, where neither diffusers nor PIL can be imported.
+WITHOUT_DIFFUSERS = (
+    "import runpy, sys\n"
+    "sys.modules['diffusers'] = sys.modules['PIL'] = None\n"
+    "script, sys.argv = sys.argv[1], sys.argv[1:]\n"
+    "runpy.run_path(script, run_name='__main__')\n"
+)
+
+
+def run(*args, without_diffusers=False, timeout=300):
+    prefix = [sys.executable, "-c", WITHOUT_DIFFUSERS] if without_diffusers else [sys.executable]
+    result = subprocess.run([*prefix, *map(str, args)], capture_output=True, text=True, env=ENV, cwd=REPO, timeout=timeout)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def test_generate_with_baseline_and_check():
+    out = run(BENCH / "generate.py", "--preset", "tiny", "--num_tokens", "4", "--baseline", "--check",
+              "--repeats", "1", "--threads", "1")
+    assert "check ok" in out
+    lines = [line for line in out.splitlines() if line.startswith("generate ")]
+    assert len(lines) == 2 and "impl=hf" in lines[0] and "impl=official" in lines[1]
+    assert "speedup_vs_official=" in lines[0] and "tokens/s=" in lines[0] and "peak_mem=" in lines[0]
+
+
+def test_generate_json_static_cache_without_diffusers():
+    out = run(BENCH / "generate.py", "--preset", "tiny", "--num_tokens", "3", "--cache", "static", "--dtype", "bfloat16",
+              "--repeats", "1", "--threads", "1", "--json", without_diffusers=True)
+    (record,) = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert record["cache"] == "static" and record["dtype"] == "bfloat16" and record["num_tokens"] == 3
+    assert record["extrapolated"] and record["tokens_per_s"] > 0 and record["peak_mem_bytes"] > 0
+
+
+def test_train_step():
+    out = run(BENCH / "train_step.py", "--preset", "tiny", "--steps", "1", "--threads", "1", without_diffusers=True)
+    assert out.startswith("train_step preset=tiny") and "tokens/s=" in out
+
+
+def test_run_all_grids_build():
+    out = run(BENCH / "run_all.py", "--grid", "gpu", "--dry-run")
+    commands = out.strip().splitlines()
+    assert len(commands) >= 10 and all("--json" in c for c in commands)
+    assert any("--compile" in c and "--cache static" in c and "rar-xl" in c for c in commands)
+    assert any("train_step.py" in c for c in commands) and any("--impl official" in c for c in commands)
+    assert len(run(BENCH / "run_all.py", "--dry-run").strip().splitlines()) == 8
+    gpu_sh = subprocess.run(["bash", str(BENCH / "gpu.sh"), "--dry-run"], capture_output=True, text=True, env=ENV,
+                            cwd=REPO, timeout=120)
+    assert gpu_sh.returncode == 0 and "--preset rar-xl" in gpu_sh.stdout, gpu_sh.stderr
+
+
+@pytest.mark.parametrize("fold", [False, True])
+def test_official_sampler_parity(fold):
+    sys.path.insert(0, str(BENCH))
+    try:
+        from official_sampler import check_parity, tiny_model
+    finally:
+        sys.path.remove(str(BENCH))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        diff, scale, agree = check_parity(tiny_model(fold), 4.0, 2.0, cache_implementation="static")
+    finally:
+        torch.set_num_threads(threads)
+    assert diff <= 1e-4 * max(1.0, scale) and agree == 1.0

@@ -1,0 +1,129 @@
+"""examples/sample_imagenet.py: the ADM npz, settings, resume, and per-image seeds independent of batching."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from rar_hf import RARConfig, RARForImageGeneration
+from rar_hf.modeling_maskgit_vqgan import MaskGITVQModel
+from rar_hf.pipeline_rar import RARPipeline
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "examples" / "sample_imagenet.py"
+NUM_CLASSES, PER_CLASS = 3, 2
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    config = RARConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                       codebook_size=16, num_classes=NUM_CLASSES, image_seq_len=16, dropout=0.0, attention_dropout=0.0,
+                       sampling_defaults=dict(guidance_scale=3.0, guidance_scale_pow=1.0, temperature=1.0))
+    transformer = RARForImageGeneration(config).eval()
+    with torch.no_grad():  # adaLN-zero makes a fresh model ignore its input: randomise so tokens depend on it
+        for parameter in transformer.parameters():
+            parameter.normal_(0, 0.3)
+    vqvae = MaskGITVQModel(hidden_channels=32, channel_mult=(1, 2), codebook_size=16, latent_channels=8, sample_size=8)
+    path = tmp_path_factory.mktemp("tiny-rar-pipeline")
+    RARPipeline(transformer=transformer, vqvae=vqvae.eval()).save_pretrained(path)
+    return path
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_sampler(model_dir, output_dir, *extra, num_processes=1):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    launcher = [sys.executable]
+    if num_processes > 1:  # what `accelerate launch` does, on CPU (gloo)
+        launcher += ["-m", "torch.distributed.run", "--nproc_per_node", str(num_processes),
+                     "--master_port", str(free_port())]
+        env["ACCELERATE_USE_CPU"] = "true"
+    command = [*launcher, str(SCRIPT), "--model", str(model_dir), "--output_dir", str(output_dir),
+               "--num_images_per_class", str(PER_CLASS), "--seed", "3", *extra]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def read_images(output_dir):
+    return {path.name: np.asarray(Image.open(path)) for path in sorted((output_dir / "images").glob("*.png"))}
+
+
+@pytest.fixture(scope="module")
+def batch4_run(pipeline_dir, tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("samples-b4")
+    stdout = run_sampler(pipeline_dir, output_dir, "--batch_size", "4")
+    return output_dir, stdout
+
+
+def test_npz_and_settings(batch4_run, pipeline_dir):
+    output_dir, stdout = batch4_run
+    assert "0 of 6 images already exist, generating 6" in stdout
+    names = sorted(p.name for p in (output_dir / "images").glob("*.png"))
+    assert names == [f"{c:04d}_{i:03d}.png" for c in range(NUM_CLASSES) for i in range(PER_CLASS)]
+    with np.load(output_dir / "samples.npz") as npz:
+        assert list(npz.keys()) == ["arr_0"]
+        samples = npz["arr_0"]
+    assert samples.shape == (NUM_CLASSES * PER_CLASS, 8, 8, 3) and samples.dtype == np.uint8
+    images = read_images(output_dir)
+    for k, name in enumerate(names):  # sorted by class then index
+        np.testing.assert_array_equal(samples[k], images[name])
+    assert len({samples[k].tobytes() for k in range(len(samples))}) == len(samples), "seeds must differ per image"
+
+    settings = json.loads((output_dir / "sampling_settings.json").read_text())
+    assert settings["model"] == str(pipeline_dir)
+    assert (settings["guidance_scale"], settings["guidance_scale_pow"], settings["temperature"]) == (3.0, 1.0, 1.0)
+    assert settings["seed"] == 3 and settings["num_images"] == 6 and settings["num_images_per_class"] == PER_CLASS
+    assert settings["num_classes"] == NUM_CLASSES
+
+
+def test_resume_regenerates_only_missing(batch4_run, pipeline_dir):
+    output_dir, _ = batch4_run
+    before = read_images(output_dir)
+    paths = sorted((output_dir / "images").glob("*.png"))
+    mtimes = {p.name: p.stat().st_mtime_ns for p in paths}
+    victim = output_dir / "images" / "0001_001.png"
+    victim.unlink()
+    stdout = run_sampler(pipeline_dir, output_dir, "--batch_size", "4")
+    assert "5 of 6 images already exist, generating 1" in stdout
+    for path in paths:
+        if path != victim:
+            assert path.stat().st_mtime_ns == mtimes[path.name], f"{path.name} was rewritten"
+    # Regenerated alone (a batch of one instead of four) from its own seed: the same image.
+    assert np.abs(np.asarray(Image.open(victim), dtype=int) - before[victim.name].astype(int)).max() <= 1
+
+
+def test_images_do_not_depend_on_batch_size_or_process_count(batch4_run, pipeline_dir, tmp_path):
+    output_dir, _ = batch4_run
+    stdout = run_sampler(pipeline_dir, tmp_path, "--batch_size", "1", num_processes=2)
+    assert "process 1/2: 0 of 3 images already exist" in stdout
+    assert json.loads((tmp_path / "sampling_settings.json").read_text())["num_processes"] == 2
+    batch4, batch1 = read_images(output_dir), read_images(tmp_path)
+    assert batch4.keys() == batch1.keys()
+    for name in batch4:
+        # Same tokens; the VQ decoder's float rounding may differ by one level between batch shapes.
+        assert np.abs(batch4[name].astype(int) - batch1[name].astype(int)).max() <= 1, name
+
+
+def test_class_subset(batch4_run, pipeline_dir, tmp_path):
+    run_sampler(pipeline_dir, tmp_path / "subset", "--class_labels", "2", "--batch_size", "2")
+    subset, full = read_images(tmp_path / "subset"), read_images(batch4_run[0])
+    assert sorted(subset) == ["0002_000.png", "0002_001.png"]
+    for name, image in subset.items():  # the same images as in the full run
+        assert np.abs(image.astype(int) - full[name].astype(int)).max() <= 1, name
+    settings = json.loads((tmp_path / "subset" / "sampling_settings.json").read_text())
+    assert settings["class_labels"] == [2] and settings["num_images"] == PER_CLASS
+    with np.load(tmp_path / "subset" / "samples.npz") as npz:
+        assert npz["arr_0"].shape == (PER_CLASS, 8, 8, 3)
