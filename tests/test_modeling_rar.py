@@ -242,7 +242,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
         return loss.detach(), model.model.layers[0].mlp.fc1.weight.grad.clone()
 
     plain = loss_and_grad()
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()
     checkpointed = loss_and_grad()
     torch.testing.assert_close(plain[0], checkpointed[0])
     torch.testing.assert_close(plain[1], checkpointed[1])
