@@ -33,7 +33,7 @@ test: $(VENV)/.installed
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 tiny-digits: $(VENV)/.installed
-	bash examples/tiny_digits/train_tiny_digits.sh
+	PYTHON=$(abspath $(PY)) bash examples/tiny_digits/train_tiny_digits.sh
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/run_all.py

@@ -97,13 +97,18 @@ def test_training_on_streamed_images_tokenised_on_the_fly(image_data, tmp_path):
         "train_rar.py", "--dataset_name", image_data / "train.parquet", "--streaming", "--vqvae", image_data / "vqvae",
         "--resolution", 16, "--model_config", image_data / "config.json", "--train_batch_size", 8,
         "--max_train_steps", 12, "--learning_rate", "3e-3", "--lr_warmup_steps", 1, "--anneal_start", 0,
-        "--anneal_end", 6, "--logging_steps", 3, "--checkpointing_steps", 100, "--report_to", "none",
-        "--output_dir", out,
+        "--anneal_end", 6, "--logging_steps", 3, "--checkpointing_steps", 100, "--report_to", "tensorboard",
+        "--validation_steps", 12, "--validation_class_labels", 0, 1, 2, "--output_dir", out,
     )  # fmt: skip
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [3, 6, 9, 12]
     assert records[-1]["loss"] < records[0]["loss"]
     assert records[-1]["skipped_images"] >= 1
+    # Validation grids: a PNG of one sample per requested class, and tensorboard events.
+    from PIL import Image as PILImage
+
+    assert PILImage.open(out / "samples" / "step-12.png").size == (3 * 16, 16)
+    assert list((out / "logs").rglob("events.out.tfevents.*"))
     from rar_hf.pipeline_rar import RARPipeline
 
     pipe = RARPipeline.from_pretrained(out)

@@ -100,10 +100,10 @@ class RARDecoderLayer(GradientCheckpointingLayer):
         self.mlp = RARMLP(config)
         self.adaln_modulation = RARAdaLNModulation(config.hidden_size, 6 * config.hidden_size)
 
-    def forward(self, hidden_states, condition, attention_mask=None, cache=None, **kwargs):
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaln_modulation(
-            F.silu(condition)
-        ).chunk(6, dim=-1)
+    def forward(self, hidden_states, condition, attention_mask=None, cache=None, modulation=None, **kwargs):
+        if modulation is None:
+            modulation = self.adaln_modulation(F.silu(condition))
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, dim=-1)
         attn_input = modulate(self.input_layernorm(hidden_states), shift_msa, scale_msa)
         attn_output, _ = self.self_attn(attn_input, attention_mask=attention_mask, cache=cache, **kwargs)
         hidden_states = hidden_states + gate_msa * attn_output
@@ -213,6 +213,7 @@ class RARModel(RARPreTrainedModel):
         cache: Cache | None = None,
         use_cache: bool | None = None,
         cache_position: torch.LongTensor | None = None,
+        modulations: list[torch.Tensor] | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         r"""
@@ -223,6 +224,9 @@ class RARModel(RARPreTrainedModel):
             Sequence positions (cls = 0, condition = 1) of this call's slots. When it has one more entry than
             `input_ids`, the call starts the sequence and the cls slot is prepended. Passing it (as `generate()` does)
             avoids reading the cache length, which is a device tensor for a static cache.
+        modulations (`list[torch.Tensor]`, *optional*):
+            Precomputed AdaLN modulations of this call's slots, one `(B, T, 6 * hidden)` tensor per layer and a last
+            `(B, T, 2 * hidden)` one for the output norm (see [`RARModulationCache`]).
         """
         use_cache = use_cache if use_cache is not None else False
         if use_cache and cache is None:
@@ -256,15 +260,55 @@ class RARModel(RARPreTrainedModel):
             cache=cache,
             position_ids=positions[None],
         )
-        for layer in self.layers:
-            hidden_states = layer(hidden_states, condition, attention_mask=causal_mask, cache=cache, **kwargs)
+        modulations = modulations or [None] * (len(self.layers) + 1)
+        for layer, modulation in zip(self.layers, modulations):
+            hidden_states = layer(
+                hidden_states, condition, attention_mask=causal_mask, cache=cache, modulation=modulation, **kwargs
+            )
 
-        if starts_sequence:
-            hidden_states, condition = hidden_states[:, 1:], condition[:, 1:]  # cls predicts nothing
+        final_modulation = modulations[-1]
+        if final_modulation is None:
+            final_modulation = self.final_adaln_modulation(F.silu(condition))
+        if starts_sequence:  # cls predicts nothing
+            hidden_states, final_modulation = hidden_states[:, 1:], final_modulation[:, 1:]
         # Official quirk: the final modulation is split as (scale, shift), the reverse of the blocks.
-        scale, shift = self.final_adaln_modulation(F.silu(condition)).chunk(2, dim=-1)
+        scale, shift = final_modulation.chunk(2, dim=-1)
         hidden_states = modulate(self.norm(hidden_states), shift, scale)
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache if use_cache else None)
+
+
+class RARModulationCache:
+    r"""
+    AdaLN modulations of every layer, precomputed for the rows of one generation, a chunk of positions at a time.
+
+    A row's condition is fixed for the whole sequence and the positions ahead are known, so the modulations of the
+    next `chunk_size` positions come from one batched matmul per layer instead of one skinny matmul per layer and
+    step, and rows that share a condition (every null row of classifier-free guidance) share the work. On a CPU,
+    where a decoding step is bound by reading the weights, this removes a third of the bytes read per step.
+    `generate()` creates one per call; it is filled outside the (possibly compiled) forward.
+    """
+
+    def __init__(self, chunk_size: int = 32):
+        self.chunk_size = chunk_size
+        self.inverse = None
+        self.chunk_start, self.chunk_tables = 0, None
+
+    @torch.no_grad()
+    def modulations(self, model: RARModel, condition_ids: torch.LongTensor, start: int, length: int):
+        """Per-layer (and final) modulations of positions `[start, start + length)` for every row."""
+        if self.inverse is None:
+            self.unique_ids, self.inverse = torch.unique(condition_ids, return_inverse=True)
+        end = start + length
+        if self.chunk_tables is None or start < self.chunk_start or end > self.chunk_start + self.chunk_size:
+            num_positions = model.config.image_seq_len + 2
+            self.chunk_start = start
+            positions = torch.arange(start, min(num_positions, start + max(self.chunk_size, length)), device=self.inverse.device)
+            condition = model.embed_tokens(self.unique_ids)[:, None] + model.condition_position_embedding[positions]
+            condition = F.silu(condition)
+            linears = [layer.adaln_modulation for layer in model.layers] + [model.final_adaln_modulation]
+            self.chunk_tables = [linear(condition) for linear in linears]
+        offset = start - self.chunk_start
+        return [table[self.inverse, offset : offset + length] for table in self.chunk_tables]
 
 
 class RARForImageGeneration(RARPreTrainedModel, GenerationMixin):
@@ -290,6 +334,8 @@ class RARForImageGeneration(RARPreTrainedModel, GenerationMixin):
             min_new_tokens=config.image_seq_len,
             top_k=0,
             temperature=config.sampling_defaults["temperature"],
+            # Every sequence has exactly 1 + image_seq_len slots: a preallocated cache, no per-step reallocation.
+            cache_implementation="static",
         )
         self.post_init()
 
@@ -398,7 +444,15 @@ class RARForImageGeneration(RARPreTrainedModel, GenerationMixin):
 
     # ----------------------------------------------------------------------------------------------- generation
     def prepare_inputs_for_generation(
-        self, input_ids, cache=None, attention_mask=None, use_cache=True, orders=None, guidance=False, **kwargs
+        self,
+        input_ids,
+        cache=None,
+        attention_mask=None,
+        use_cache=True,
+        orders=None,
+        guidance=False,
+        modulation_cache=None,
+        **kwargs,
     ):
         condition_ids = input_ids[:, 0]
         length = input_ids.shape[1]
@@ -418,6 +472,10 @@ class RARForImageGeneration(RARPreTrainedModel, GenerationMixin):
             condition_ids = torch.cat([condition_ids, torch.full_like(condition_ids, self.config.null_class_id)])
             if orders is not None:
                 orders = torch.cat([orders, orders])
+        modulations = None
+        if modulation_cache is not None and cache is not None:
+            start = 0 if length == 1 else length
+            modulations = modulation_cache.modulations(self.model, condition_ids, start, cache_position.shape[0])
         return {
             "input_ids": model_input_ids,
             "condition_ids": condition_ids,
@@ -425,6 +483,7 @@ class RARForImageGeneration(RARPreTrainedModel, GenerationMixin):
             "cache": cache,
             "use_cache": use_cache,
             "cache_position": cache_position,
+            "modulations": modulations,
             "logits_to_keep": 1,
         }
 
@@ -506,7 +565,12 @@ class RARForImageGeneration(RARPreTrainedModel, GenerationMixin):
         if logits_processor is not None:
             processors.extend(logits_processor)
         outputs = super().generate(
-            input_ids=input_ids, logits_processor=processors, orders=orders, guidance=guidance, **kwargs
+            input_ids=input_ids,
+            logits_processor=processors,
+            orders=orders,
+            guidance=guidance,
+            modulation_cache=RARModulationCache(),
+            **kwargs,
         )
         if orders is None:
             return outputs
