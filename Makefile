@@ -21,7 +21,7 @@ $(VENV)/.installed: setup.cfg constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	@if ls $(LOCAL_WHEELS)/torch-2.13.0* >/dev/null 2>&1; then \
-		$(PIP) install -q --no-index --find-links $(LOCAL_WHEELS) "$(TORCH_LOCAL)"; \
+		$(PIP) install -q --find-links $(LOCAL_WHEELS) "$(TORCH_LOCAL)"; \
 	fi
 	$(PIP) install -q -c constraints.txt -e ".[test,train,eval,digits]"
 	touch $@
