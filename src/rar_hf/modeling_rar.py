@@ -184,6 +184,13 @@ class RARModel(RARPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
+    @staticmethod
+    def cache_position(input_ids: torch.LongTensor, cache: Cache | None) -> torch.LongTensor:
+        """Sequence positions of the slots `input_ids` fills, read from the cache (plus the cls slot on a new sequence)."""
+        past_length = int(cache.get_seq_length()) if cache is not None else 0
+        new_slots = input_ids.shape[1] + (1 if past_length == 0 else 0)
+        return torch.arange(past_length, past_length + new_slots, device=input_ids.device)
+
     def _position_tables(self, positions: torch.Tensor, orders: torch.Tensor | None):
         """Position and target-aware embeddings for absolute sequence `positions` (cls = 0, condition = 1)."""
         num_positions = self.config.image_seq_len + 2
@@ -232,9 +239,7 @@ class RARModel(RARPreTrainedModel):
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         if cache_position is None:
-            past_length = int(cache.get_seq_length()) if cache is not None else 0
-            new_slots = input_ids.shape[1] + (1 if past_length == 0 else 0)
-            cache_position = torch.arange(past_length, past_length + new_slots, device=input_ids.device)
+            cache_position = self.cache_position(input_ids, cache)
         starts_sequence = cache_position.shape[0] == input_ids.shape[1] + 1
         batch_size = input_ids.shape[0]
         embeds = self.embed_tokens(input_ids)
@@ -290,7 +295,7 @@ class RARModulationCache:
 
     def __init__(self, chunk_size: int = 32):
         self.chunk_size = chunk_size
-        self.inverse = None
+        self.unique_ids, self.inverse = None, None
         self.chunk_start, self.chunk_tables = 0, None
 
     @torch.no_grad()
@@ -298,8 +303,8 @@ class RARModulationCache:
         """Per-layer (and final) modulations of positions `[start, start + length)` for every row."""
         if self.inverse is None:
             self.unique_ids, self.inverse = torch.unique(condition_ids, return_inverse=True)
-        end = start + length
-        if self.chunk_tables is None or start < self.chunk_start or end > self.chunk_start + self.chunk_size:
+        covered = self.chunk_start <= start and start + length <= self.chunk_start + self.chunk_size
+        if self.chunk_tables is None or not covered:
             num_positions = model.config.image_seq_len + 2
             self.chunk_start = start
             positions = torch.arange(start, min(num_positions, start + max(self.chunk_size, length)), device=self.inverse.device)
@@ -416,9 +421,8 @@ class RARForImageGeneration(RARPreTrainedModel, GenerationMixin):
         if input_ids is None:
             raise ValueError("RARForImageGeneration needs input_ids: the class token followed by image tokens.")
         if cache_position is None:
-            starts_sequence = cache is None or int(cache.get_seq_length()) == 0
-        else:
-            starts_sequence = cache_position.shape[0] == input_ids.shape[1] + 1
+            cache_position = self.model.cache_position(input_ids, cache)
+        starts_sequence = cache_position.shape[0] == input_ids.shape[1] + 1
         # Checked once per sequence: the decoding steps only feed tokens that the sampler drew.
         if starts_sequence and not torch.compiler.is_compiling():
             self._check_inputs(input_ids, orders)
@@ -456,7 +460,8 @@ class RARForImageGeneration(RARPreTrainedModel, GenerationMixin):
     ):
         condition_ids = input_ids[:, 0]
         length = input_ids.shape[1]
-        if cache is None or length == 1:
+        starts_sequence = cache is None or length == 1
+        if starts_sequence:
             # The whole sequence (generate() prompts are one class token): the model prepends the cls slot.
             model_input_ids = input_ids
             cache_position = torch.arange(length + 1, device=input_ids.device)
@@ -466,7 +471,7 @@ class RARForImageGeneration(RARPreTrainedModel, GenerationMixin):
             cache_position = torch.tensor([length], device=input_ids.device)
         if guidance:
             unconditional = model_input_ids.clone()
-            if cache_position.shape[0] == model_input_ids.shape[1] + 1:
+            if starts_sequence:
                 unconditional[:, 0] = self.config.null_class_id
             model_input_ids = torch.cat([model_input_ids, unconditional])
             condition_ids = torch.cat([condition_ids, torch.full_like(condition_ids, self.config.null_class_id)])
@@ -474,7 +479,7 @@ class RARForImageGeneration(RARPreTrainedModel, GenerationMixin):
                 orders = torch.cat([orders, orders])
         modulations = None
         if modulation_cache is not None and cache is not None:
-            start = 0 if length == 1 else length
+            start = 0 if starts_sequence else length
             modulations = modulation_cache.modulations(self.model, condition_ids, start, cache_position.shape[0])
         return {
             "input_ids": model_input_ids,
