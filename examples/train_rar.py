@@ -13,9 +13,6 @@ frozen tokenizer given by `--vqvae` turns into tokens on each process's device. 
 import argparse
 import json
 import logging
-import os
-import re
-import shutil
 import time
 from pathlib import Path
 
@@ -29,9 +26,9 @@ from transformers import get_scheduler
 
 from rar_hf import RARConfig, RARForImageGeneration
 from rar_hf.data import RARDataCollator
+from rar_hf.training_utils import checkpoint_step, resolve_checkpoint, save_checkpoint, truncate_metrics
 
 logger = get_logger(__name__)
-CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 
 
 def parse_args(argv=None):
@@ -120,42 +117,13 @@ def build_optimizer(model, args):
     return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2))
 
 
-def list_checkpoints(output_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (a save in progress lives under a temporary name and is ignored)."""
-    found = [(int(m.group(1)), d) for d in output_dir.glob("checkpoint-*") if (m := CHECKPOINT_PATTERN.match(d.name))]
-    return [d for _, d in sorted(found)]
-
-
-def save_checkpoint(accelerator, output_dir: Path, step: int, state: dict, total_limit: int | None) -> Path:
-    """accelerator.save_state into a temporary folder, renamed once complete: a killed save never looks finished."""
-    final = output_dir / f"checkpoint-{step}"
-    tmp = output_dir / f".tmp-checkpoint-{step}"
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / "training_state.json").write_text(json.dumps(state))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        if total_limit is not None:
-            for old in list_checkpoints(output_dir)[:-total_limit]:
-                shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-    return final
-
-
 class MetricsWriter:
     """One JSON line per logging step in output_dir/metrics.jsonl (main process only)."""
 
     def __init__(self, path: Path, enabled: bool, resume_step: int):
         self.path, self.enabled = path, enabled
-        if enabled and path.exists():
-            # Drop lines beyond the checkpoint we resume from: they belong to the interrupted run.
-            lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
-            path.write_text("".join(line + "\n" for line in lines))
+        if enabled:
+            truncate_metrics(path, resume_step)
 
     def write(self, record: dict):
         if self.enabled:
@@ -333,19 +301,13 @@ def main(args):
         accelerator.register_for_checkpointing(ema)
 
     global_step = 0
-    if args.resume_from_checkpoint:
-        checkpoint = Path(args.resume_from_checkpoint)
-        if args.resume_from_checkpoint == "latest":
-            found = list_checkpoints(output_dir)
-            checkpoint = found[-1] if found else None
-        if checkpoint is None:
-            logger.info("No checkpoint in %s: starting from scratch.", output_dir)
-        elif not (checkpoint / "training_state.json").is_file():
-            raise FileNotFoundError(f"{checkpoint} is not a complete checkpoint (no training_state.json).")
-        else:
-            accelerator.load_state(str(checkpoint))
-            global_step = json.loads((checkpoint / "training_state.json").read_text())["global_step"]
-            logger.info("Resumed from %s at step %d.", checkpoint, global_step)
+    checkpoint = resolve_checkpoint(args.resume_from_checkpoint, output_dir)
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        global_step = checkpoint_step(checkpoint)
+        logger.info("Resumed from %s at step %d.", checkpoint, global_step)
+    elif args.resume_from_checkpoint:
+        logger.info("No checkpoint in %s: starting from scratch.", output_dir)
 
     collator = RARDataCollator(
         codebook_size=config.codebook_size,
@@ -430,9 +392,7 @@ def main(args):
             loss_sum.zero_()
             loss_count, window_steps, window_start = 0, 0, time.perf_counter()
         if global_step % args.checkpointing_steps == 0:
-            path = save_checkpoint(
-                accelerator, output_dir, global_step, {"global_step": global_step}, args.checkpoints_total_limit
-            )
+            path = save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
             if hub_repo is not None:
                 from huggingface_hub import upload_folder
 
@@ -469,7 +429,7 @@ def main(args):
             upload_folder(
                 repo_id=hub_repo,
                 folder_path=str(output_dir),
-                ignore_patterns=["checkpoint-*", ".tmp-*", "logs/*"],
+                ignore_patterns=["checkpoint-*", ".checkpoint-*", "logs/*"],
                 commit_message=f"Final model after {global_step} steps",
             )
     accelerator.end_training()

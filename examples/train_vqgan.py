@@ -22,7 +22,6 @@ import json
 import logging
 import math
 import os
-import shutil
 
 import datasets
 import torch
@@ -36,10 +35,9 @@ from tqdm.auto import tqdm
 
 from rar_hf.data import ImageTransform, load_image_dataset
 from rar_hf.modeling_maskgit_vqgan import MaskGITVQModel
+from rar_hf.training_utils import checkpoint_step, resolve_checkpoint, save_checkpoint, truncate_metrics
 
 logger = get_logger(__name__, log_level="INFO")
-
-CHECKPOINT_PREFIX = "checkpoint-"
 
 
 def parse_args(input_args=None):
@@ -292,65 +290,6 @@ def restart_dead_codes(accelerator, model, images, usage, generator, ema_model=N
     return dead.numel()
 
 
-def list_checkpoints(output_dir):
-    """Finished checkpoint folders, oldest first (unfinished ones are hidden `.checkpoint-N.tmp` folders)."""
-    if not os.path.isdir(output_dir):
-        return []
-    names = [
-        name
-        for name in os.listdir(output_dir)
-        if name.startswith(CHECKPOINT_PREFIX) and name[len(CHECKPOINT_PREFIX) :].isdigit()
-    ]
-    return sorted(names, key=lambda name: int(name[len(CHECKPOINT_PREFIX) :]))
-
-
-def save_checkpoint(accelerator, args, global_step):
-    """`accelerator.save_state` into a temporary folder renamed to `checkpoint-N` once complete.
-
-    An interrupted save therefore never leaves a `checkpoint-N` that "latest" would pick up half-written.
-    """
-    final_dir = os.path.join(args.output_dir, f"{CHECKPOINT_PREFIX}{global_step}")
-    temp_dir = os.path.join(args.output_dir, f".{CHECKPOINT_PREFIX}{global_step}.tmp")
-    if accelerator.is_main_process:
-        shutil.rmtree(temp_dir, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(temp_dir)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        # A checkpoint of the same step exists when a run is resumed from an earlier one: replace it.
-        if os.path.isdir(final_dir):
-            shutil.rmtree(final_dir)
-        os.replace(temp_dir, final_dir)
-        # Old checkpoints are removed only after the new one is complete.
-        if args.checkpoints_total_limit is not None:
-            for name in list_checkpoints(args.output_dir)[: -args.checkpoints_total_limit]:
-                shutil.rmtree(os.path.join(args.output_dir, name))
-        logger.info(f"Saved state to {final_dir}")
-    accelerator.wait_for_everyone()
-
-
-def resolve_checkpoint(args):
-    """The checkpoint folder to resume from, or None for a fresh run."""
-    if args.resume_from_checkpoint is None:
-        return None
-    if args.resume_from_checkpoint != "latest":
-        if not os.path.isdir(args.resume_from_checkpoint):
-            raise FileNotFoundError(f"checkpoint folder not found: {args.resume_from_checkpoint}")
-        return args.resume_from_checkpoint
-    checkpoints = list_checkpoints(args.output_dir)
-    return os.path.join(args.output_dir, checkpoints[-1]) if checkpoints else None
-
-
-def truncate_metrics(path, last_step):
-    """Drop metric lines logged after `last_step` (by an interrupted run, or all of them for a fresh run)."""
-    if not os.path.isfile(path):
-        return
-    with open(path, encoding="utf-8") as handle:
-        lines = [line for line in handle if line.strip() and json.loads(line)["step"] <= last_step]
-    with open(path, "w", encoding="utf-8") as handle:
-        handle.writelines(lines)
-
-
 def make_dataloader(args, split, transform, shuffle, max_samples=None):
     dataset = load_image_dataset(
         args.dataset_name,
@@ -496,13 +435,13 @@ def main(args):
 
     global_step = 0
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
-    checkpoint = resolve_checkpoint(args)
+    checkpoint = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
     if args.resume_from_checkpoint is not None and checkpoint is None:
         logger.info(f"No checkpoint in {args.output_dir}; starting a new training run.")
     if checkpoint is not None:
         logger.info(f"Resuming from {checkpoint}")
-        accelerator.load_state(checkpoint)
-        global_step = int(os.path.basename(os.path.normpath(checkpoint))[len(CHECKPOINT_PREFIX) :])
+        accelerator.load_state(str(checkpoint))
+        global_step = checkpoint_step(checkpoint)
     if accelerator.is_main_process:
         truncate_metrics(metrics_path, global_step)
     first_epoch = global_step // num_update_steps_per_epoch
@@ -581,7 +520,7 @@ def main(args):
                 usage.window.zero_()
 
             if global_step % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, args, global_step)
+                save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
 
             if global_step >= args.max_train_steps:
                 break

@@ -89,7 +89,7 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_data, tmp_path):
     resumed_dir = tmp_path / "resumed"
     resumed_dir.mkdir()
     shutil.copytree(tmp_path / "full" / "checkpoint-4", resumed_dir / "checkpoint-4")
-    shutil.copytree(tmp_path / "full" / "checkpoint-4", resumed_dir / ".tmp-checkpoint-8")  # an interrupted save
+    shutil.copytree(tmp_path / "full" / "checkpoint-4", resumed_dir / ".checkpoint-8.tmp")  # an interrupted save
     (resumed_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in full[:5]))  # one step past it
     resumed = run_training(
         tiny_data, resumed_dir, *common, "--checkpointing_steps", "4", "--resume_from_checkpoint", "latest"
