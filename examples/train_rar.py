@@ -432,6 +432,10 @@ def main(args):
                 ignore_patterns=["checkpoint-*", ".checkpoint-*", "logs/*"],
                 commit_message=f"Final model after {global_step} steps",
             )
+    # Release the DDP wrapper while its process group is alive: freed at interpreter exit instead, its reducer joins
+    # gloo's worker thread while holding the GIL that thread may need, which hung a 2-process CPU run once.
+    del model
+    accelerator.free_memory()
     accelerator.end_training()
 
 

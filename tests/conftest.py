@@ -1,4 +1,6 @@
 import os
+import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -35,3 +37,11 @@ def vqgan_fixture_dir() -> Path:
 def _deterministic_threads():
     torch.manual_seed(0)
     yield
+
+
+def torchrun(num_processes: int) -> list[str]:
+    """A `torch.distributed.run` launcher on a free port (a fixed port collides with a lingering run)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(num_processes), "--master_port", str(port)]

@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+from conftest import torchrun
 
 from rar_hf import RARConfig, RARForImageGeneration
 from rar_hf.modeling_maskgit_vqgan import MaskGITVQModel
@@ -37,18 +38,11 @@ def pipeline_dir(tmp_path_factory):
     return path
 
 
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def run_sampler(model_dir, output_dir, *extra, num_processes=1):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     launcher = [sys.executable]
     if num_processes > 1:  # what `accelerate launch` does, on CPU (gloo)
-        launcher += ["-m", "torch.distributed.run", "--nproc_per_node", str(num_processes),
-                     "--master_port", str(free_port())]
+        launcher = torchrun(num_processes)
         env["ACCELERATE_USE_CPU"] = "true"
     command = [*launcher, str(SCRIPT), "--model", str(model_dir), "--output_dir", str(output_dir),
                "--num_images_per_class", str(PER_CLASS), "--seed", "3", *extra]

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import torchrun
 from rar_hf.data import randomness_ratio
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,10 +102,9 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_data, tmp_path):
 
 def test_two_processes_train_in_sync_on_different_data(tiny_data, tmp_path):
     out = tmp_path / "ddp"
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
     run_training(
         tiny_data, out, "--max_train_steps", "4", "--logging_steps", "2", "--checkpointing_steps", "100",
-        launcher=launcher, env={"ACCELERATE_USE_CPU": "true"},
+        launcher=torchrun(2), env={"ACCELERATE_USE_CPU": "true"},
     )  # fmt: skip
     summary = json.loads((out / "train_summary.json").read_text())
     assert len(summary["parameter_checksums"]) == 2
