@@ -181,6 +181,8 @@ def parse_args(argv=None):
     p.add_argument("--compile_mode", default=None,
                    help="torch.compile mode (default: reduce-overhead on CUDA with a static cache, else default).")
     p.add_argument("--fullgraph", action="store_true", help="Compile with fullgraph=True (fails on graph breaks).")
+    p.add_argument("--no_prepack", action="store_true",
+                   help="generate(prepack_weights=False): plain F.linear instead of oneDNN-prepacked weights on CPU.")
     p.add_argument("--guidance_scale", type=float, default=2.0, help="CFG scale; != 1 doubles the batch.")
     p.add_argument("--guidance_scale_pow", type=float, default=0.0, help="pow-cosine exponent (no effect on speed).")
     p.add_argument("--temperature", type=float, default=1.0, help="Sampling temperature.")
@@ -267,7 +269,7 @@ def main(argv=None):
     def hf_runner():
         kwargs = dict(do_sample=True, temperature=args.temperature, max_new_tokens=num_tokens, min_new_tokens=num_tokens,
                       use_cache=args.cache != "none", cache_implementation="static" if args.cache == "static" else None,
-                      disable_compile=True)
+                      disable_compile=True, prepack_weights=not args.no_prepack)
         if args.compile:
             mode = args.compile_mode or ("reduce-overhead" if device.type == "cuda" and args.cache == "static" else "default")
             if args.cache == "static":
@@ -299,6 +301,7 @@ def main(argv=None):
             "dtype": args.dtype, "cache": args.cache if impl == "hf" else "official",
             "compile": "compile" if args.compile and impl == "hf" else "eager",
             "compile_mode": args.compile_mode if impl == "hf" else None, "guidance_scale": args.guidance_scale,
+            "prepack": impl == "hf" and not args.no_prepack and device.type == "cpu",
             "num_tokens": num_tokens, "image_seq_len": length, "extrapolated": num_tokens < length,
             "decode": args.decode, "tf32": args.tf32, "seconds": seconds, "all_seconds": times,
             "tokens_per_s": args.batch_size * num_tokens / seconds,

@@ -33,6 +33,7 @@ def cpu_grid(preset="rar-b", train_preset=None, **_):
     return [
         (GEN, common + ["--dtype", "float32", "--cache", "dynamic"], 300),
         (GEN, common + ["--dtype", "float32", "--cache", "static"], 300),
+        (GEN, common + ["--dtype", "float32", "--cache", "static", "--no_prepack"], 300),
         (GEN, common + ["--dtype", "float32", "--cache", "dynamic", "--compile"], 900),
         (GEN, common + ["--dtype", "float32", "--cache", "static", "--compile"], 900),
         (GEN, common + ["--dtype", "bfloat16", "--cache", "dynamic"], 300),
@@ -171,6 +172,8 @@ def row_for(record, records):
             r[k] == record[k] for k in ("preset", "batch_size", "dtype", "num_tokens", "guidance_scale", "device"))]
         if same:
             notes.append(f"{same[0]['seconds'] / record['seconds']:.2f}x vs official")
+    if record["impl"] == "hf" and record["device"] == "cpu" and record["compile"] == "eager":
+        notes.append("prepacked weights" if record.get("prepack") else "F.linear (--no_prepack)")
     images = f"{record['images_per_s']:.3g}" + ("*" if record["extrapolated"] else "")
     if record.get("compile_mode") and record["compile"] != "eager":
         notes.append(f"mode={record['compile_mode']}")

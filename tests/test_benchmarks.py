@@ -50,13 +50,19 @@ def test_train_step():
     assert out.startswith("train_step preset=tiny") and "tokens/s=" in out
 
 
+def test_linear_kernels():
+    out = run(BENCH / "linear_kernels.py", "--preset", "tiny", "--repeats", "1", "--threads", "1")
+    assert out.startswith("tiny: 8 matmuls") and "F.linear" in out and "GB/s" in out
+    assert "oneDNN prepacked" in out
+
+
 def test_run_all_grids_build():
     out = run(BENCH / "run_all.py", "--grid", "gpu", "--dry-run")
     commands = out.strip().splitlines()
     assert len(commands) >= 10 and all("--json" in c for c in commands)
     assert any("--compile" in c and "--cache static" in c and "rar-xl" in c for c in commands)
     assert any("train_step.py" in c for c in commands) and any("--impl official" in c for c in commands)
-    assert len(run(BENCH / "run_all.py", "--dry-run").strip().splitlines()) == 8
+    assert len(run(BENCH / "run_all.py", "--dry-run").strip().splitlines()) == 9
     gpu_sh = subprocess.run(["bash", str(BENCH / "gpu.sh"), "--dry-run"], capture_output=True, text=True, env=ENV,
                             cwd=REPO, timeout=120)
     assert gpu_sh.returncode == 0 and "--preset rar-xl" in gpu_sh.stdout, gpu_sh.stderr
