@@ -28,15 +28,17 @@ class PrepackedLinear(nn.Linear):
     packed_weight: torch.Tensor | None = None
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        # is_compiling() first: torch.compile then never sees the packed (opaque oneDNN) tensor.
-        if (
-            not torch.compiler.is_compiling()
-            and self.packed_weight is not None
-            and not torch.is_grad_enabled()
-            and input.device.type == "cpu"
-            and input.dtype == self.weight.dtype
-        ):
-            return torch.ops.mkldnn._linear_pointwise(input, self.packed_weight, self.bias, "none", [], "")
+        # is_compiling() first: torch.compile then never sees the packed (opaque oneDNN) tensor. The attribute is read
+        # once, so that another thread's generate() releasing it cannot leave this call without a weight.
+        if not torch.compiler.is_compiling():
+            packed = self.packed_weight
+            if (
+                packed is not None
+                and not torch.is_grad_enabled()
+                and input.device.type == "cpu"
+                and input.dtype == self.weight.dtype
+            ):
+                return torch.ops.mkldnn._linear_pointwise(input, packed, self.bias, "none", [], "")
         return F.linear(input, self.weight, self.bias)
 
 
