@@ -10,12 +10,11 @@ a real step) with `F.linear`, `W @ x^T`, MKL's packed sgemm (float32 only) and o
 
 import argparse
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
-from generate import DTYPES, PRESETS, rar_config
+from generate import DTYPES, PRESETS, rar_config, time_runs
 
 
 def main(argv=None):
@@ -40,13 +39,7 @@ def main(argv=None):
           f"{args.rows} rows, {torch.get_num_threads()} threads")
 
     def report(name, step):
-        step()
-        times = []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - start)
-        seconds = statistics.median(times)
+        seconds = statistics.median(time_runs(step, "cpu", args.repeats, warmup=1))
         print(f"{name:24s} {seconds * 1e3:8.1f} ms   {num_bytes / seconds / 1e9:5.1f} GB/s", flush=True)
 
     def f_linear():
