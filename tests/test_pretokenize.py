@@ -116,3 +116,26 @@ def test_training_on_streamed_images_tokenised_on_the_fly(image_data, tmp_path):
     pipe.set_progress_bar_config(disable=True)
     images = pipe(class_labels=[0, 2], generator=torch.Generator().manual_seed(0), output_type="np").images
     assert images.shape == (2, 16, 16, 3)
+
+
+def test_resuming_streamed_training_with_flips_reproduces_the_uninterrupted_run(image_data, tmp_path):
+    # 24 decodable images, batches of 8: the 8 steps cross two epoch boundaries, the resume happens mid-epoch.
+    common = [
+        "--dataset_name", image_data / "train.parquet", "--streaming", "--random_flip", "--vqvae", image_data / "vqvae",
+        "--resolution", 16, "--model_config", image_data / "config.json", "--train_batch_size", 8,
+        "--max_train_steps", 8, "--learning_rate", "3e-3", "--lr_warmup_steps", 1, "--anneal_start", 0,
+        "--anneal_end", 6, "--logging_steps", 1, "--checkpointing_steps", 4, "--report_to", "none", "--seed", 3,
+    ]  # fmt: skip
+    run("train_rar.py", *common, "--output_dir", tmp_path / "full")
+    full = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    resumed_dir = tmp_path / "resumed"
+    resumed_dir.mkdir()
+    import shutil
+
+    shutil.copytree(tmp_path / "full" / "checkpoint-4", resumed_dir / "checkpoint-4")
+    (resumed_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in full[:4]))
+    run("train_rar.py", *common, "--output_dir", resumed_dir, "--resume_from_checkpoint", "latest")
+    resumed = [json.loads(line) for line in (resumed_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in resumed] == list(range(1, 9))
+    for a, b in zip(full[4:], resumed[4:]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7), (a, b)
