@@ -26,7 +26,13 @@ from transformers import get_scheduler
 
 from rar_hf import RARConfig, RARForImageGeneration
 from rar_hf.data import RARDataCollator
-from rar_hf.training_utils import checkpoint_step, resolve_checkpoint, save_checkpoint, truncate_metrics
+from rar_hf.training_utils import (
+    checkpoint_step,
+    finish_uploads,
+    resolve_checkpoint,
+    save_checkpoint,
+    truncate_metrics,
+)
 
 logger = get_logger(__name__)
 
@@ -261,7 +267,7 @@ def main(args):
     set_seed(args.seed)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-    hub_repo = None
+    hub_repo, pending_uploads = None, []  # pending: background checkpoint uploads (futures)
     if args.push_to_hub and accelerator.is_main_process:
         from huggingface_hub import create_repo
 
@@ -392,11 +398,14 @@ def main(args):
             loss_sum.zero_()
             loss_count, window_steps, window_start = 0, 0, time.perf_counter()
         if global_step % args.checkpointing_steps == 0:
+            # The rotation in save_checkpoint may delete a checkpoint that a background upload is still reading.
+            finish_uploads(pending_uploads)
             path = save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
             if hub_repo is not None:
                 from huggingface_hub import upload_folder
 
-                upload_folder(repo_id=hub_repo, folder_path=str(path), path_in_repo=path.name, run_as_future=True)
+                upload = upload_folder(repo_id=hub_repo, folder_path=str(path), path_in_repo=path.name, run_as_future=True)
+                pending_uploads.append(upload)
         if args.validation_steps and vqvae is not None and global_step % args.validation_steps == 0:
             if accelerator.is_main_process:
                 log_validation(accelerator, model, vqvae, args, global_step)
@@ -423,6 +432,7 @@ def main(args):
             from rar_hf.pipeline_rar import RARPipeline
 
             RARPipeline(transformer=final, vqvae=vqvae).save_pretrained(output_dir)
+        finish_uploads(pending_uploads)
         if hub_repo is not None:
             from huggingface_hub import upload_folder
 

@@ -110,3 +110,66 @@ def test_two_processes_train_in_sync_on_different_data(tiny_data, tmp_path):
     assert len(summary["parameter_checksums"]) == 2
     assert summary["parameter_checksums"][0] == summary["parameter_checksums"][1]
     assert summary["first_batch_fingerprints"][0] != summary["first_batch_fingerprints"][1]
+
+
+# Runs train_rar.py with huggingface_hub's create_repo / upload_folder replaced by fakes that log each call (and the
+# files of the uploaded folder, read after FAKE_HUB_DELAY seconds for background uploads, like a slow network).
+FAKE_HUB = """
+import json, os, runpy, sys, threading, time, types
+from concurrent.futures import Future
+from pathlib import Path
+import huggingface_hub
+
+log = Path(os.environ["FAKE_HUB_LOG"])
+
+def record(**entry):
+    with log.open("a") as f:
+        f.write(json.dumps(entry) + "\\n")
+
+def create_repo(repo_id, private=False, exist_ok=False, **kwargs):
+    record(call="create_repo", repo_id=repo_id, private=private)
+    return types.SimpleNamespace(repo_id="user/" + repo_id)
+
+def upload_folder(repo_id, folder_path, path_in_repo=None, run_as_future=False, **kwargs):
+    def read():
+        time.sleep(float(os.environ["FAKE_HUB_DELAY"]) if run_as_future else 0.0)
+        files = sorted(str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*") if p.is_file())
+        record(call="upload_folder", repo_id=repo_id, path_in_repo=path_in_repo, files=files, future=run_as_future,
+               commit_message=kwargs.get("commit_message"), ignore_patterns=kwargs.get("ignore_patterns"))
+    if not run_as_future:
+        return read()
+    future = Future()
+    def run():
+        try:
+            read()
+            future.set_result(None)
+        except BaseException as error:
+            future.set_exception(error)
+    threading.Thread(target=run).start()
+    return future
+
+huggingface_hub.create_repo, huggingface_hub.upload_folder = create_repo, upload_folder
+script, sys.argv = sys.argv[1], sys.argv[1:]
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+def test_push_to_hub_uploads_every_checkpoint_before_rotation_deletes_it(tiny_data, tmp_path):
+    log = tmp_path / "hub.jsonl"
+    out = tmp_path / "run"
+    run_training(
+        tiny_data, out, "--max_train_steps", "6", "--checkpointing_steps", "2", "--checkpoints_total_limit", "1",
+        "--push_to_hub", "--hub_model_id", "rar-test", "--hub_private",
+        launcher=[sys.executable, "-c", FAKE_HUB], env={"FAKE_HUB_LOG": str(log), "FAKE_HUB_DELAY": "1.0"},
+    )  # fmt: skip
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    assert calls[0] == {"call": "create_repo", "repo_id": "rar-test", "private": True}
+    checkpoints = [c for c in calls if c["call"] == "upload_folder" and c["future"]]
+    assert [c["path_in_repo"] for c in checkpoints] == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    for upload in checkpoints:  # each slow upload still found its whole checkpoint although only one is kept
+        assert upload["repo_id"] == "user/rar-test" and "model.safetensors" in upload["files"], upload
+    final = calls[-1]
+    assert not final["future"] and final["path_in_repo"] is None and final["commit_message"] == "Final model after 6 steps"
+    assert {"transformer/config.json", "transformer/model.safetensors"} <= set(final["files"])
+    assert "checkpoint-*" in final["ignore_patterns"]
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-6"]

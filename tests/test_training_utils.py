@@ -1,8 +1,15 @@
 import json
+from concurrent.futures import Future
 
 import pytest
 
-from rar_hf.training_utils import checkpoint_step, list_checkpoints, resolve_checkpoint, truncate_metrics
+from rar_hf.training_utils import (
+    checkpoint_step,
+    finish_uploads,
+    list_checkpoints,
+    resolve_checkpoint,
+    truncate_metrics,
+)
 
 
 def test_latest_is_the_newest_complete_checkpoint(tmp_path):
@@ -25,3 +32,14 @@ def test_truncate_metrics_drops_lines_after_the_resumed_step(tmp_path):
     truncate_metrics(path, 4)
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4]
     truncate_metrics(tmp_path / "absent.jsonl", 4)  # nothing to do, no error
+
+
+def test_finish_uploads_waits_and_reports_failures_without_raising(caplog):
+    done, failed = Future(), Future()
+    done.set_result(None)
+    failed.set_exception(OSError("403 Forbidden"))
+    pending = [done, failed]
+    with caplog.at_level("WARNING"):
+        finish_uploads(pending)
+    assert pending == []
+    assert "checkpoint upload to the Hub failed" in caplog.text and "403 Forbidden" in caplog.text

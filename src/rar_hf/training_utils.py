@@ -1,10 +1,13 @@
 """Checkpoint and metrics-file helpers shared by the training scripts (examples/train_rar.py, train_vqgan.py)."""
 
 import json
+import logging
 import os
 import re
 import shutil
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 
@@ -74,3 +77,16 @@ def truncate_metrics(path, last_step: int):
         return
     lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     path.write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] <= last_step), encoding="utf-8")
+
+
+def finish_uploads(futures: list) -> None:
+    """Wait for background Hub uploads (`upload_folder(..., run_as_future=True)`) and empty the list.
+
+    A failed upload is logged, not raised: its checkpoint is still on disk and training can go on.
+    """
+    for future in futures:
+        try:
+            future.result()
+        except Exception as error:
+            logger.warning("A checkpoint upload to the Hub failed (the checkpoint is still on disk): %s", error)
+    futures.clear()
