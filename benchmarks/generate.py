@@ -183,6 +183,9 @@ def parse_args(argv=None):
     p.add_argument("--fullgraph", action="store_true", help="Compile with fullgraph=True (fails on graph breaks).")
     p.add_argument("--no_prepack", action="store_true",
                    help="generate(prepack_weights=False): plain F.linear instead of oneDNN-prepacked weights on CPU.")
+    p.add_argument("--prepack_once", action="store_true",
+                   help="Pack the weights once around all runs (rar_hf.prepacked_linear_weights), as a loop of "
+                        "generate calls would, instead of once per call.")
     p.add_argument("--guidance_scale", type=float, default=2.0, help="CFG scale; != 1 doubles the batch.")
     p.add_argument("--guidance_scale_pow", type=float, default=0.0, help="pow-cosine exponent (no effect on speed).")
     p.add_argument("--temperature", type=float, default=1.0, help="Sampling temperature.")
@@ -257,6 +260,8 @@ def main(argv=None):
     if args.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
     model = build_model(args.preset, dtype, device, seed=args.seed).eval()
+    from rar_hf.prepacked_linear import prepacked_linear_weights
+
     config = model.config
     length = config.image_seq_len
     num_tokens = min(args.num_tokens or length, length)
@@ -292,7 +297,8 @@ def main(argv=None):
     def measure(impl, make_runner):
         reset_peak_memory(device)
         torch.manual_seed(args.seed)
-        with torch.no_grad():
+        outer = impl == "hf" and args.prepack_once and not args.no_prepack
+        with torch.no_grad(), prepacked_linear_weights(model, 2 * args.batch_size, enabled=outer):
             times = time_runs(make_runner(), device, args.repeats, args.warmup)
         seconds = statistics.median(times)
         mem, mem_kind = peak_memory(device)
@@ -301,7 +307,8 @@ def main(argv=None):
             "dtype": args.dtype, "cache": args.cache if impl == "hf" else "official",
             "compile": "compile" if args.compile and impl == "hf" else "eager",
             "compile_mode": args.compile_mode if impl == "hf" else None, "guidance_scale": args.guidance_scale,
-            "prepack": impl == "hf" and not args.no_prepack and device.type == "cpu",
+            "prepack": (impl == "hf" and not args.no_prepack and device.type == "cpu") and (
+                "once" if args.prepack_once else "per call"),
             "num_tokens": num_tokens, "image_seq_len": length, "extrapolated": num_tokens < length,
             "decode": args.decode, "tf32": args.tf32, "seconds": seconds, "all_seconds": times,
             "tokens_per_s": args.batch_size * num_tokens / seconds,

@@ -173,7 +173,8 @@ def row_for(record, records):
         if same:
             notes.append(f"{same[0]['seconds'] / record['seconds']:.2f}x vs official")
     if record["impl"] == "hf" and record["device"] == "cpu" and record["compile"] == "eager":
-        notes.append("prepacked weights" if record.get("prepack") else "F.linear (--no_prepack)")
+        prepack = record.get("prepack")
+        notes.append(f"prepacked weights ({prepack})" if prepack else "F.linear (--no_prepack)")
     images = f"{record['images_per_s']:.3g}" + ("*" if record["extrapolated"] else "")
     if record.get("compile_mode") and record["compile"] != "eager":
         notes.append(f"mode={record['compile_mode']}")

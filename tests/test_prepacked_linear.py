@@ -2,7 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rar_hf.prepacked_linear import PrepackedLinear, can_prepack, prepacked_linear_weights
+from rar_hf import prepacked_linear_weights
+from rar_hf.prepacked_linear import PrepackedLinear, can_prepack
 
 from test_modeling_rar import tiny_model
 
@@ -74,3 +75,15 @@ def test_weights_that_cannot_be_packed_use_f_linear():
         assert layer.packed_weight is None
         x = torch.randn(2, 8, dtype=torch.float64)
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+
+
+@needs_onednn
+def test_an_outer_block_packs_once_for_several_generate_calls():
+    model = tiny_model()
+    with torch.no_grad(), prepacked_linear_weights(model, num_rows=4):
+        packed = model.lm_head.packed_weight
+        assert packed is not None
+        for labels in ([1, 2], [3, None]):
+            model.generate(class_labels=labels, guidance_scale=2.0, do_sample=False)
+            assert model.lm_head.packed_weight is packed  # neither re-packed nor released by generate()
+    assert model.lm_head.packed_weight is None

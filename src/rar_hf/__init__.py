@@ -7,6 +7,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from .configuration_rar import RAR_PRESETS, RAR_SAMPLING_DEFAULTS, RARConfig
 from .generation_rar import GUIDANCE_SCHEDULES, RARClassifierFreeGuidanceLogitsProcessor, guidance_scale_at, guidance_scales
 from .modeling_rar import RARForImageGeneration, RARModel, RARPreTrainedModel
+from .prepacked_linear import prepacked_linear_weights
 
 __version__ = "0.1.0"
 
@@ -32,6 +33,7 @@ __all__ = [
     "RARPreTrainedModel",
     "guidance_scale_at",
     "guidance_scales",
+    "prepacked_linear_weights",
     *_LAZY,
 ]
 

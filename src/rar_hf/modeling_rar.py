@@ -33,7 +33,7 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale) + shift
 
 
-class RARAdaLNModulation(nn.Linear):
+class RARAdaLNModulation(PrepackedLinear):
     """Projection of the condition to shift/scale/gate vectors; zero-initialised so each block starts as identity."""
 
 
