@@ -561,7 +561,8 @@ class RARForImageGeneration(RARPreTrainedModel, GenerationMixin):
                 scan order name (see `rar_hf.data.scan_orders`) or a `(B, image_seq_len)` permutation tensor.
             prepack_weights (`bool`): on CPU, run the decoder's linear layers on oneDNN-prepacked copies of their
                 float32/bfloat16 weights for the length of the call (decoding steps about 2x faster; the copies, as
-                large as those weights, are freed afterwards). No effect on other devices.
+                large as those weights, are freed afterwards). Inside a `rar_hf.prepacked_linear_weights(model)`
+                block the block's copies are used instead. No effect on other devices.
             kwargs: passed to `GenerationMixin.generate` (`temperature`, `top_k`, `top_p`, `do_sample`,
                 `cache_implementation="static"`, `use_cache`, `return_dict_in_generate`, `output_scores`, ...).
 
