@@ -87,3 +87,23 @@ def test_an_outer_block_packs_once_for_several_generate_calls():
             model.generate(class_labels=labels, guidance_scale=2.0, do_sample=False)
             assert model.lm_head.packed_weight is packed  # neither re-packed nor released by generate()
     assert model.lm_head.packed_weight is None
+
+
+@needs_onednn
+def test_no_packing_when_the_copies_would_not_fit_in_memory(monkeypatch, caplog):
+    psutil = pytest.importorskip("psutil")
+    model = tiny_model()
+    num_bytes = sum(m.weight.numel() * 4 for m in model.modules() if isinstance(m, PrepackedLinear))
+    available = psutil.virtual_memory()._replace(available=2 * num_bytes - 2)  # just under twice the copies
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: available)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_propagation()
+    try:
+        with caplog.at_level("WARNING"), torch.no_grad(), prepacked_linear_weights(model, num_rows=2):
+            assert model.lm_head.packed_weight is None
+            tokens = model.generate(class_labels=[1, 2], guidance_scale=2.0, do_sample=False)
+    finally:
+        hf_logging.disable_propagation()
+    assert tokens.shape == (2, 17)
+    assert "Not prepacking the linear weights" in caplog.text and "half of the available memory" in caplog.text

@@ -53,6 +53,15 @@ def can_prepack(weight: torch.Tensor) -> bool:
     return weight.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
+def fits_in_memory(num_bytes: int) -> bool:
+    """Whether `num_bytes` of packed copies would take at most half of the memory available now (psutil's figure)."""
+    try:
+        import psutil
+    except ImportError:  # no way to tell: pack, as without the check
+        return True
+    return num_bytes <= psutil.virtual_memory().available // 2
+
+
 @contextmanager
 def prepacked_linear_weights(model: nn.Module, num_rows: int | None = None, enabled: bool = True):
     """Attach packed weights to every `PrepackedLinear` of `model` for the duration of the block.
@@ -72,6 +81,15 @@ def prepacked_linear_weights(model: nn.Module, num_rows: int | None = None, enab
     """
     layers = [m for m in model.modules() if isinstance(m, PrepackedLinear)] if enabled else []
     layers = [m for m in layers if m.packed_weight is None and can_prepack(m.weight)]
+    num_bytes = sum(m.weight.numel() * m.weight.element_size() for m in layers)
+    if layers and not fits_in_memory(num_bytes):
+        # A speed-up must not be what runs the machine out of memory.
+        logger.warning_once(
+            f"Not prepacking the linear weights for CPU generation: the copies ({num_bytes / 2**30:.1f} GiB) would "
+            "take more than half of the available memory. Generation runs on F.linear (about 2x slower); pass "
+            "prepack_weights=False to skip this check."
+        )
+        layers = []
     try:
         for layer in layers:
             layer.packed_weight = torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach(), num_rows)
