@@ -3,7 +3,7 @@
 A KV-cached decoding step multiplies a handful of rows (2 x batch with guidance) by every weight of the model, so on
 CPU its cost is how fast the GEMM kernel streams the weights. With so few rows the BLAS behind `F.linear` reads them
 at ~11 GB/s on the 2-core development machine; the same product on a weight reordered once into oneDNN's blocked
-layout (what inductor does when it freezes a CPU graph) reads them at ~35 GB/s. `generate()` packs the weights of
+layout (what inductor does when it freezes a CPU graph) reads them at ~35-40 GB/s. `generate()` packs the weights of
 the decoder's `PrepackedLinear` layers for the length of the call and frees the copies afterwards.
 """
 
@@ -67,7 +67,7 @@ def prepacked_linear_weights(model: nn.Module, num_rows: int | None = None, enab
     """Attach packed weights to every `PrepackedLinear` of `model` for the duration of the block.
 
     `num_rows` is the number of rows each product will have (a hint for the packed layout). Packing costs about one
-    pass over freshly allocated memory (~1 s for RAR-B on 2 cores) and holds a second copy of the weights until the
+    pass over freshly allocated memory (0.2-1 s for RAR-B on 2 cores) and holds a second copy of the weights until the
     block ends. Does nothing when `enabled` is false, off CPU, or for dtypes oneDNN does not pack.
 
     Blocks nest: layers that are already packed are left as they are, and only the layers this block packed are
@@ -86,8 +86,8 @@ def prepacked_linear_weights(model: nn.Module, num_rows: int | None = None, enab
         # A speed-up must not be what runs the machine out of memory.
         logger.warning_once(
             f"Not prepacking the linear weights for CPU generation: the copies ({num_bytes / 2**30:.1f} GiB) would "
-            "take more than half of the available memory. Generation runs on F.linear (about 2x slower); pass "
-            "prepack_weights=False to skip this check."
+            "take more than half of the available memory. Generation runs on F.linear (about 2x slower); "
+            "generate(prepack_weights=False) silences this warning."
         )
         layers = []
     try:
