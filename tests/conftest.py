@@ -34,9 +34,19 @@ def vqgan_fixture_dir() -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _deterministic_threads():
+def _fixed_seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny models: a second thread gains nothing there, and when other processes
+    hold the shared cores a spinning OpenMP team slows the runs down many times over."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def torchrun(num_processes: int) -> list[str]:

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks"
@@ -69,16 +68,11 @@ def test_run_all_grids_build():
 
 
 @pytest.mark.parametrize("fold", [False, True])
-def test_official_sampler_parity(fold):
+def test_official_sampler_parity(fold, one_thread):
     sys.path.insert(0, str(BENCH))
     try:
         from official_sampler import check_parity, tiny_model
     finally:
         sys.path.remove(str(BENCH))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        diff, scale, agree = check_parity(tiny_model(fold), 4.0, 2.0, cache_implementation="static")
-    finally:
-        torch.set_num_threads(threads)
+    diff, scale, agree = check_parity(tiny_model(fold), 4.0, 2.0, cache_implementation="static")
     assert diff <= 1e-4 * max(1.0, scale) and agree == 1.0

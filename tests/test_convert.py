@@ -15,15 +15,8 @@ from rar_hf.model_card import write_model_card
 
 V, C, L = 1024, 1000, 256
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # The CPU cores are shared with other jobs: several torch threads then stall each other (10x slower here).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 @pytest.fixture(scope="module")
 def converted_dir(rar_fixture_dir, tmp_path_factory):

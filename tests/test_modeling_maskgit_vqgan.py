@@ -8,13 +8,7 @@ from rar_hf.modeling_maskgit_vqgan import MaskGITVQModel
 TINY = dict(hidden_channels=32, channel_mult=(1, 1, 2), num_res_blocks=1, latent_channels=8, codebook_size=16)
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    # These small convolutions run slower, not faster, with several threads on a shared, busy CPU.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(**overrides) -> MaskGITVQModel:

@@ -19,15 +19,8 @@ from rar_hf.pipeline_rar import RARPipeline, RARPipelineOutput, RARSamplingLogit
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # The CPU cores are shared with other jobs: several torch threads then stall each other (10x slower here).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 def tiny_pipeline(num_classes=3, id2label=None, seed=0):
     """16 tokens on a 4x4 grid, codebook 16, decoded to 8x8 images."""

@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -130,8 +131,6 @@ def test_resuming_streamed_training_with_flips_reproduces_the_uninterrupted_run(
     full = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     resumed_dir = tmp_path / "resumed"
     resumed_dir.mkdir()
-    import shutil
-
     shutil.copytree(tmp_path / "full" / "checkpoint-4", resumed_dir / "checkpoint-4")
     (resumed_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in full[:4]))
     run("train_rar.py", *common, "--output_dir", resumed_dir, "--resume_from_checkpoint", "latest")

@@ -26,14 +26,7 @@ TINY_CONFIG = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # The model is tiny: a second OpenMP thread gains nothing, and when other processes hold the cores a
-    # spinning thread team slows these runs down many times over.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
