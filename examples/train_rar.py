@@ -27,9 +27,16 @@ from transformers import get_scheduler
 from rar_hf import RARConfig, RARForImageGeneration
 from rar_hf.data import RARDataCollator
 from rar_hf.training_utils import (
-    checkpoint_step,
+    LOCK_NAME,
+    UserInputError,
+    check_distributed_launch,
+    check_output_dir,
     finish_uploads,
+    load_checkpoint,
+    load_pretrained,
+    prepare_output_dir,
     resolve_checkpoint,
+    run_script,
     save_checkpoint,
     truncate_metrics,
 )
@@ -83,6 +90,7 @@ def parse_args(argv=None):
     out.add_argument("--checkpointing_steps", type=int, default=5000, help="Save a resumable checkpoint every N steps.")
     out.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
     out.add_argument("--resume_from_checkpoint", default=None, help="A checkpoint folder or 'latest'.")
+    out.add_argument("--overwrite_output_dir", action="store_true", help="Delete what --output_dir holds (another run) and start again.")
     out.add_argument("--report_to", default="tensorboard", help="tensorboard, wandb, all or none.")
     out.add_argument("--logging_steps", type=int, default=50, help="Log every N steps (trackers and metrics.jsonl).")
     out.add_argument("--validation_steps", type=int, default=None, help="Log a sample grid every N steps (needs --vqvae).")
@@ -256,6 +264,7 @@ def log_validation(accelerator, model, vqvae, args, step):
 
 def main(args):
     output_dir = Path(args.output_dir)
+    check_output_dir(output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
     report_to = None if args.report_to == "none" else args.report_to
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -265,8 +274,8 @@ def main(args):
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     set_seed(args.seed)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
+    check_distributed_launch(accelerator.num_processes)
+    run_lock = prepare_output_dir(accelerator, output_dir, args.overwrite_output_dir)  # noqa: F841 (held until exit)
     hub_repo, pending_uploads = None, []  # pending: background checkpoint uploads (futures)
     if args.push_to_hub and accelerator.is_main_process:
         from huggingface_hub import create_repo
@@ -277,9 +286,9 @@ def main(args):
     if args.vqvae is not None:
         from rar_hf.modeling_maskgit_vqgan import MaskGITVQModel
 
-        vqvae = MaskGITVQModel.from_pretrained(args.vqvae).to(accelerator.device).eval().requires_grad_(False)
+        vqvae = load_pretrained(MaskGITVQModel, args.vqvae, "--vqvae").to(accelerator.device).eval().requires_grad_(False)
     if args.pretrained_model is not None:
-        model = RARForImageGeneration.from_pretrained(args.pretrained_model)
+        model = load_pretrained(RARForImageGeneration, args.pretrained_model, "--pretrained_model")
     else:
         model = RARForImageGeneration(build_config(args, vqvae))
     if args.gradient_checkpointing:
@@ -302,15 +311,15 @@ def main(args):
         scheduler_specific_kwargs={"min_lr": args.min_learning_rate} if "min_lr" in args.lr_scheduler else None,
     )
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    custom_states = {}
     if ema is not None:
         ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema)
+        custom_states["ema"] = ema  # saved as safetensors by save_checkpoint, never pickled
 
     global_step = 0
     checkpoint = resolve_checkpoint(args.resume_from_checkpoint, output_dir)
     if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
-        global_step = checkpoint_step(checkpoint)
+        global_step = load_checkpoint(accelerator, checkpoint, custom_states)
         logger.info("Resumed from %s at step %d.", checkpoint, global_step)
     elif args.resume_from_checkpoint:
         logger.info("No checkpoint in %s: starting from scratch.", output_dir)
@@ -400,7 +409,7 @@ def main(args):
         if global_step % args.checkpointing_steps == 0:
             # The rotation in save_checkpoint may delete a checkpoint that a background upload is still reading.
             finish_uploads(pending_uploads)
-            path = save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
+            path = save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit, custom_states)
             if hub_repo is not None:
                 from huggingface_hub import upload_folder
 
@@ -439,7 +448,7 @@ def main(args):
             upload_folder(
                 repo_id=hub_repo,
                 folder_path=str(output_dir),
-                ignore_patterns=["checkpoint-*", ".checkpoint-*", "logs/*"],
+                ignore_patterns=["checkpoint-*", ".checkpoint-*", "logs/*", LOCK_NAME],
                 commit_message=f"Final model after {global_step} steps",
             )
     # Release the DDP wrapper while its process group is alive: freed at interpreter exit instead, its reducer joins
@@ -450,4 +459,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_script(main, parse_args())

@@ -125,7 +125,8 @@ def test_ema_weights_are_saved(train_vqgan, digits_dir, tmp_path):
     run(train_vqgan, digits_dir, tmp_path, "--use_ema", "--max_train_steps", "10")
     saved = MaskGITVQModel.from_pretrained(tmp_path)
     raw = load_file(tmp_path / "checkpoint-10" / "model.safetensors")
-    ema = torch.load(tmp_path / "checkpoint-10" / "custom_checkpoint_1.pkl", weights_only=True)
-    for (name, value), shadow in zip(saved.named_parameters(), ema["shadow_params"]):
-        torch.testing.assert_close(value, shadow, msg=name)
+    ema = load_file(tmp_path / "checkpoint-10" / "ema.safetensors")
+    assert not list((tmp_path / "checkpoint-10").glob("custom_checkpoint_*"))  # nothing pickled
+    for i, (name, value) in enumerate(saved.named_parameters()):
+        torch.testing.assert_close(value, ema[f"shadow_params.{i}"], msg=name)
     assert not torch.equal(saved.quantize.embedding.weight, raw["quantize.embedding.weight"])
