@@ -340,3 +340,44 @@ def load_pretokenized_dataset(
         )
     ds = _load(path_or_id, split, streaming, data_files, load_kwargs)
     return _standard_columns(ds, {tokens_column: "tokens", label_column: "label"}, path_or_id)
+
+
+# ---- what pre-tokenised shards were made from ----
+
+PRETOKENIZED_METADATA = "rar_pretokenized-{split}.json"
+
+
+def pretokenized_metadata_path(folder: str | os.PathLike, split: str) -> str:
+    """Where examples/pretokenize.py records how the `split` shards of `folder` were made."""
+    return os.path.join(os.fspath(folder), PRETOKENIZED_METADATA.format(split=split))
+
+
+def read_pretokenized_metadata(folder: str | os.PathLike, split: str) -> dict | None:
+    """The metadata examples/pretokenize.py wrote beside the `split` shards of a local `folder`, or None (a Hub id,
+    files, or a folder made otherwise)."""
+    path = pretokenized_metadata_path(folder, split) if os.path.isdir(os.fspath(folder)) else None
+    if path is None or not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as handle:
+            metadata = json.load(handle)
+        metadata["fingerprint"]["image_seq_len"], metadata["fingerprint"]["codebook_size"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{path}: not a valid pre-tokenisation metadata file ({type(error).__name__}: {error})") from None
+    return metadata
+
+
+def tokenizer_fingerprint(vqvae) -> dict:
+    """Hashes of a tokenizer's config and weights: tokens are only comparable when both are equal."""
+    config = json.dumps({k: v for k, v in dict(vqvae.config).items() if not k.startswith("_")}, sort_keys=True, default=str)
+    weights = hashlib.sha256()
+    for name, tensor in sorted(vqvae.state_dict().items()):
+        weights.update(name.encode())
+        weights.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return {"config_sha256": hashlib.sha256(config.encode()).hexdigest(), "weights_sha256": weights.hexdigest()}
+
+
+def class_names(ds: Dataset | IterableDataset, column: str = "label") -> list[str] | None:
+    """The names of a ``datasets.ClassLabel`` column, or None when the column holds plain integers."""
+    feature = (ds.features or {}).get(column)
+    return list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
