@@ -34,11 +34,13 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from rar_hf.data import ImageTransform, load_image_dataset
+from rar_hf.data.datasets import open_image_or_raise
 from rar_hf.modeling_maskgit_vqgan import MaskGITVQModel
 from rar_hf.training_utils import (
     UserInputError,
     check_distributed_launch,
     check_output_dir,
+    describe_load_error,
     load_checkpoint,
     load_pretrained,
     prepare_output_dir,
@@ -307,22 +309,29 @@ def restart_dead_codes(accelerator, model, images, usage, generator, ema_model=N
 
 
 def make_dataloader(args, split, transform, shuffle, max_samples=None):
-    dataset = load_image_dataset(
-        args.dataset_name,
-        split=split,
-        image_column=args.image_column,
-        label_column=args.label_column,
-        cache_dir=args.cache_dir,
-        **({"name": args.dataset_config_name} if args.dataset_config_name else {}),
-    )
+    try:
+        dataset = load_image_dataset(
+            args.dataset_name,
+            split=split,
+            image_column=args.image_column,
+            label_column=args.label_column,
+            cache_dir=args.cache_dir,
+            **({"name": args.dataset_config_name} if args.dataset_config_name else {}),
+        )
+    except Exception as error:
+        raise UserInputError(f"--dataset_name {args.dataset_name}: cannot load split {split!r} ({describe_load_error(error)}).") from error
     if max_samples is not None:
         dataset = dataset.shuffle(seed=args.seed).select(range(min(max_samples, len(dataset))))
     # Map-style with an on-the-fly transform (as the diffusers examples do): exact epochs, a seedable
-    # shuffle and batch skipping on resume. load_image_dataset leaves images undecoded; decode them here.
-    dataset = dataset.cast_column("image", datasets.Image())
+    # shuffle and batch skipping on resume. load_image_dataset leaves images undecoded; decode them here, where a
+    # corrupted file stops the run naming it (a map-style batch cannot just drop a row).
+    where = f"an image of {args.dataset_name} ({split})"
 
     def preprocess(batch):
-        return {"pixel_values": [transform(image) for image in batch["image"]]}
+        try:
+            return {"pixel_values": [transform(open_image_or_raise(image, where)) for image in batch["image"]]}
+        except ValueError as error:
+            raise UserInputError(str(error)) from None
 
     dataset = dataset.with_transform(preprocess)
 

@@ -267,3 +267,18 @@ def test_push_to_hub_uploads_every_checkpoint_before_rotation_deletes_it(tiny_da
     assert {"transformer/config.json", "transformer/model.safetensors"} <= set(final["files"])
     assert "checkpoint-*" in final["ignore_patterns"]
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-6"]
+
+
+def test_labels_outside_the_model_and_corrupted_shards_stop_before_the_first_step(tiny_data, tmp_path):
+    # tiny_data's labels are 0..3 (plain ints); a config of 3 classes cannot take them.
+    config = {**TINY, "num_classes": 3}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    result = launch(tiny_data, tmp_path / "run", "--max_train_steps", "2", "--model_config", str(tmp_path / "config.json"))
+    assert_refused(result, f"--pretokenized_dataset {tiny_data / 'train.parquet'} has labels up to 3 but the model has 3 classes (0..2)")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    data = (tiny_data / "train.parquet").read_bytes()
+    shard = tmp_path / "shards" / "data" / "train-00000-of-00001.parquet"
+    shard.parent.mkdir(parents=True)
+    shard.write_bytes(data[: len(data) // 2])
+    result = launch(tmp_path / "shards", tmp_path / "run2", "--pretokenized_dataset", str(tmp_path / "shards"), "--max_train_steps", "2")
+    assert_refused(result, f"{shard} is corrupted or not a parquet file")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 datasets = pytest.importorskip("datasets")
@@ -130,3 +131,21 @@ def test_ema_weights_are_saved(train_vqgan, digits_dir, tmp_path):
     for i, (name, value) in enumerate(saved.named_parameters()):
         torch.testing.assert_close(value, ema[f"shadow_params.{i}"], msg=name)
     assert not torch.equal(saved.quantize.embedding.weight, raw["quantize.embedding.weight"])
+
+
+def test_a_second_run_into_the_folder_is_refused_and_a_corrupted_png_is_named(train_vqgan, digits_dir, trained, tmp_path):
+    from rar_hf.training_utils import UserInputError
+
+    before = (trained / "metrics.jsonl").read_text()
+    with pytest.raises(UserInputError, match=f"--output_dir {trained} is not empty"):
+        run(train_vqgan, digits_dir, trained)
+    assert (trained / "metrics.jsonl").read_text() == before
+    folder = tmp_path / "pngs" / "train" / "seven"
+    folder.mkdir(parents=True)
+    for i in range(4):
+        Image.new("RGB", (16, 16), (i * 40, 0, 0)).save(folder / f"{i}.png")
+    (folder / "2.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 16)
+    args = ["--dataset_name", str(tmp_path / "pngs"), "--model_config", json.dumps(TINY_CONFIG), "--resolution", "16",
+            "--train_batch_size", "4", "--max_train_steps", "2", "--report_to", "none", "--output_dir", str(tmp_path / "out")]  # fmt: skip
+    with pytest.raises(UserInputError, match=f"{folder / '2.png'}: not a decodable image"):
+        train_vqgan.main(train_vqgan.parse_args(args))

@@ -215,3 +215,18 @@ def test_a_save_interrupted_at_any_stage_leaves_latest_complete(training_state, 
     # The next save cleans up what the killed one left behind.
     save_checkpoint(accelerator, tmp_path, 6, total_limit=1, custom_states=states)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-6"]
+
+
+def test_unloadable_tokenizers_are_one_line_errors_naming_them(tmp_path, monkeypatch):
+    from rar_hf.modeling_maskgit_vqgan import MaskGITVQModel
+    from rar_hf.training_utils import load_pretrained
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserInputError, match="--vqvae nobody/no-such-tokenizer: .*not in the local Hugging Face cache, and HF_HUB_OFFLINE=1 forbids downloading it"):
+        load_pretrained(MaskGITVQModel, "nobody/no-such-tokenizer", "--vqvae")
+    MaskGITVQModel(hidden_channels=8, channel_mult=(1, 2), num_res_blocks=1, latent_channels=4, codebook_size=8, norm_num_groups=4).save_pretrained(tmp_path)
+    weights = tmp_path / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(UserInputError, match=f"--vqvae {tmp_path}: cannot load a MaskGITVQModel: .*") as info:
+        load_pretrained(MaskGITVQModel, str(tmp_path), "--vqvae")
+    assert "\n" not in str(info.value)

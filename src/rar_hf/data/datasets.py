@@ -55,10 +55,10 @@ class SkipCounter:
     count: int = 0
     last_error: str | None = None
 
-    def record(self, error: BaseException) -> None:
-        """Count one skipped image and remember why."""
+    def record(self, error: BaseException, source: str | None = None) -> None:
+        """Count one skipped image (from file `source`, when it has one) and remember why."""
         self.count += 1
-        self.last_error = f"{type(error).__name__}: {error}"
+        self.last_error = f"{source + ': ' if source else ''}{type(error).__name__}: {error}"
         logger.warning("skipping an undecodable image (%d so far): %s", self.count, self.last_error)
 
 
@@ -210,6 +210,20 @@ def _open_image(value: Any) -> Image.Image:
     return image
 
 
+def image_source(value: Any) -> str | None:
+    """The file an undecoded ``datasets`` image came from, if it has one (image folders do, embedded bytes not)."""
+    return value.get("path") if isinstance(value, dict) else getattr(value, "filename", None) or None
+
+
+def open_image_or_raise(value: Any, where: str = "an image") -> Image.Image:
+    """Decode an image like :func:`decode_images` does, but raise a ``ValueError`` naming its file when it is
+    corrupted (for training loops that cannot skip a row of a map-style dataset)."""
+    try:
+        return _open_image(value)
+    except _DECODE_ERRORS as error:
+        raise ValueError(f"{image_source(value) or where}: not a decodable image ({type(error).__name__}: {error})") from None
+
+
 class _Decoder:
     """Batched ``datasets`` map function: decodes and transforms images, dropping undecodable rows.
 
@@ -226,7 +240,7 @@ class _Decoder:
             try:
                 image = _open_image(value)
             except _DECODE_ERRORS as error:
-                self.skip_counter.record(error)
+                self.skip_counter.record(error, image_source(value))
                 continue
             pixel_values.append(self.transform(image))
             labels.append(int(label))
