@@ -192,8 +192,10 @@ def main(args):
             rows = list(read_official_jsonl(args.official_jsonl))
         except FileNotFoundError:
             raise UserInputError(f"--official_jsonl {args.official_jsonl}: no such file.") from None
-        except (ValueError, UnicodeDecodeError) as error:
-            raise UserInputError(f"--official_jsonl: {error}" if isinstance(error, ValueError) else f"{args.official_jsonl}: not a text jsonl file ({error.reason} at byte {error.start}).") from None
+        except UnicodeDecodeError as error:
+            raise UserInputError(f"{args.official_jsonl}: not a text jsonl file ({error.reason} at byte {error.start}).") from None
+        except ValueError as error:
+            raise UserInputError(f"--official_jsonl: {error}") from None
         if not rows:
             raise UserInputError(f"--official_jsonl {args.official_jsonl} holds no rows.")
         expected, features = fingerprint(args, first_row=rows[0]), FEATURES

@@ -140,10 +140,11 @@ def test_a_second_run_into_the_folder_is_refused_and_a_corrupted_png_is_named(tr
     with pytest.raises(UserInputError, match=f"--output_dir {trained} is not empty"):
         run(train_vqgan, digits_dir, trained)
     assert (trained / "metrics.jsonl").read_text() == before
-    folder = tmp_path / "pngs" / "train" / "seven"
-    folder.mkdir(parents=True)
-    for i in range(4):
-        Image.new("RGB", (16, 16), (i * 40, 0, 0)).save(folder / f"{i}.png")
+    for name in ("eight", "seven"):  # an image folder of two classes
+        folder = tmp_path / "pngs" / "train" / name
+        folder.mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (16, 16), (i * 40, 0, 0)).save(folder / f"{i}.png")
     (folder / "2.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 16)
     args = ["--dataset_name", str(tmp_path / "pngs"), "--model_config", json.dumps(TINY_CONFIG), "--resolution", "16",
             "--train_batch_size", "4", "--max_train_steps", "2", "--report_to", "none", "--output_dir", str(tmp_path / "out")]  # fmt: skip
