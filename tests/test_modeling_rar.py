@@ -5,6 +5,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.cache_utils import DynamicCache, StaticCache
 
 from rar_hf import RARConfig, RARForImageGeneration, guidance_scales
+from rar_hf.convert import rar_from_official_checkpoint
 from rar_hf.generation_rar import RARClassifierFreeGuidanceLogitsProcessor
 
 
@@ -36,7 +37,7 @@ def tiny_model(seed=0, **kwargs):
 
 @pytest.fixture(scope="module")
 def reference(rar_fixture_dir):
-    model = RARForImageGeneration.from_official_checkpoint(rar_fixture_dir / "generator.bin")
+    model = rar_from_official_checkpoint(rar_fixture_dir / "generator.bin")
     return model, load_file(str(rar_fixture_dir / "cases.safetensors"))
 
 
