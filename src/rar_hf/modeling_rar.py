@@ -670,7 +670,13 @@ class RARForImageGeneration(RARPreTrainedModel, GenerationMixin):
         Returns:
             `torch.LongTensor` `(B, 1 + image_seq_len)` (or a `GenerateOutput`): the class token then the image tokens
             **in raster order** whatever the generation order. `scores[s]` (with `output_scores=True`) are the guided,
-            temperature-scaled scores from which the `s`-th generated token was drawn.
+            temperature-scaled scores from which the `s`-th generated token was drawn (`B` rows). `logits[s]`,
+            `hidden_states[s]` and `attentions[s]` are the model's raw outputs of step `s`: with guidance they have the
+            `2B` rows `[conditional; null]` the model ran; step 0 runs the cls and condition slots (see
+            [`RARModel.forward`]), later steps the newest token (the whole sequence with `use_cache=False`).
+            `max_new_tokens < image_seq_len` returns the first tokens of the image (raster order only); more than
+            `image_seq_len` is an error. Beam search runs without guidance only; `assistant_model` and
+            `prompt_lookup_num_tokens` are not supported.
         """
         if input_ids is None:
             if class_labels is None:
