@@ -511,7 +511,10 @@ def main(args):
         assert batch_step == global_step, f"collator step {batch_step} != optimizer step {global_step}"
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         with accelerator.accumulate(model):
-            loss = model(**batch).loss
+            # transformers' num_items_in_batch: the labelled tokens of the whole accumulated step (every micro-batch
+            # holds the same count), times the steps accelerator.backward divides the loss by again.
+            num_items = (batch["labels"] != -100).sum() * args.gradient_accumulation_steps
+            loss = model(**batch, num_items_in_batch=num_items).loss * args.gradient_accumulation_steps
             accelerator.backward(loss)
             if accelerator.sync_gradients and args.max_grad_norm:
                 accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
