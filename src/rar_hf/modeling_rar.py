@@ -17,6 +17,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from .configuration_rar import RARConfig
 from .generation_rar import RARClassifierFreeGuidanceLogitsProcessor, guidance_scales
 from .prepacked_linear import PrepackedLinear, prepacked_linear_weights
+from .speculative_rar import speculative_generate
 
 
 def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
@@ -563,6 +564,12 @@ class RARForImageGeneration(RARPreTrainedModel, GenerationMixin):
                 float32/bfloat16 weights for the length of the call (decoding steps about 2x faster; the copies, as
                 large as those weights, are freed afterwards). Inside a `rar_hf.prepacked_linear_weights(model)`
                 block the block's copies are used instead. No effect on other devices.
+            assistant_model ([`RARForImageGeneration`], *optional*): a smaller RAR with the same codebook and classes
+                that drafts `num_assistant_tokens` (default 4) tokens per target pass: speculative sampling, exact
+                (see `rar_hf.speculative_rar`). Batches are exact too but accept fewer tokens per pass.
+            jacobi_window (`int`, *optional*): speculative Jacobi decoding (training-free, exact) guessing this many
+                tokens ahead per pass. With either, `generator=` (a `torch.Generator` or one per row) makes the draws
+                reproducible, and `acceptance="relaxed"` (with `relax=`, default 2) trades exactness for speed.
             kwargs: passed to `GenerationMixin.generate` (`temperature`, `top_k`, `top_p`, `do_sample`,
                 `cache_implementation="static"`, `use_cache`, `return_dict_in_generate`, `output_scores`, ...).
 
@@ -591,15 +598,22 @@ class RARForImageGeneration(RARPreTrainedModel, GenerationMixin):
         if logits_processor is not None:
             processors.extend(logits_processor)
         num_rows = batch_size * (2 if guidance else 1)
+        assistant_model, jacobi_window = kwargs.pop("assistant_model", None), kwargs.pop("jacobi_window", None)
         with prepacked_linear_weights(self, num_rows, enabled=prepack_weights):
-            outputs = super().generate(
-                input_ids=input_ids,
-                logits_processor=processors,
-                orders=orders,
-                guidance=guidance,
-                modulation_cache=RARModulationCache(),
-                **kwargs,
-            )
+            if assistant_model is not None or jacobi_window is not None:
+                outputs = speculative_generate(
+                    self, input_ids, processors, orders, guidance, assistant_model, jacobi_window=jacobi_window,
+                    prepack_weights=prepack_weights, **kwargs,
+                )
+            else:
+                outputs = super().generate(
+                    input_ids=input_ids,
+                    logits_processor=processors,
+                    orders=orders,
+                    guidance=guidance,
+                    modulation_cache=RARModulationCache(),
+                    **kwargs,
+                )
         if orders is None:
             return outputs
         sequences = outputs if isinstance(outputs, torch.Tensor) else outputs.sequences
