@@ -139,3 +139,23 @@ def test_speculative_arguments_are_checked(larger_models):
         target.generate(ids, jacobi_window=2, acceptance="greedy")
     with pytest.raises(ValueError, match="use_cache=False"):
         target.generate(ids, jacobi_window=2, use_cache=False)
+
+
+def test_pipeline_takes_a_draft_model_or_a_jacobi_window(one_thread):
+    from test_pipeline_rar import tiny_pipeline
+
+    pipe = tiny_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+
+    def tokens(seed, **kwargs):
+        generator = torch.Generator().manual_seed(seed)
+        return pipe([0, 2], generator=generator, output_type="tokens", guidance_scale=2.0, **kwargs).tokens
+
+    for method in (dict(jacobi_window=4), dict(assistant_model=pipe.transformer)):
+        assert torch.equal(tokens(0, **method), tokens(0, **method))  # the pipeline's generator drives the draws
+        assert not torch.equal(tokens(0, **method), tokens(1, **method))
+    # Both options reach the speculative loops (which check them), not plain sampling.
+    with pytest.raises(ValueError, match="jacobi_window must be a positive int"):
+        tokens(0, jacobi_window=-1)
+    with pytest.raises(ValueError, match="codebook_size: target 16, assistant 4"):
+        tokens(0, assistant_model=random_rar(0, 1))

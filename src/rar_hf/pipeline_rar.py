@@ -259,6 +259,8 @@ class RARPipeline(DiffusionPipeline):
         use_cache: bool = True,
         cache_implementation: str | None = None,
         orders=None,
+        assistant_model: RARForImageGeneration | None = None,
+        jacobi_window: int | None = None,
     ) -> RARPipelineOutput | tuple:
         r"""
         Generate images of the given classes.
@@ -289,6 +291,11 @@ class RARPipeline(DiffusionPipeline):
             orders (*optional*): generation order: `None`/`"raster"` (how RAR is used), `"random"` (one permutation
                 per image, drawn from `generator`), a scan-order name or a `(B, image_seq_len)` tensor. Orders other
                 than raster need a model whose target-aware position embedding is not folded.
+            assistant_model ([`RARForImageGeneration`], *optional*): a smaller RAR with the same tokenizer and classes
+                that drafts tokens for the transformer to verify several at a time (exact speculative sampling).
+            jacobi_window (`int`, *optional*): speculative Jacobi decoding (training-free, exact) with this many
+                guessed tokens per pass. With either, the samples follow the same distribution as without, but not
+                the same draws for a given `generator`.
 
         Returns:
             [`RARPipelineOutput`] with `images` and `tokens`, or the tuple `(images, tokens)` if `return_dict` is
@@ -327,16 +334,22 @@ class RARPipeline(DiffusionPipeline):
         #    seeded sampler, placed after the guidance processor; generate's greedy pick just reads them back.
         sampler = RARSamplingLogitsProcessor(generator, temperature=temperature, top_k=top_k, top_p=top_p)
         with self.progress_bar(total=config.image_seq_len) as progress_bar:
+            sampling = dict(
+                logits_processor=LogitsProcessorList([sampler, _ProgressBarLogitsProcessor(progress_bar)]), do_sample=False
+            )
+            if assistant_model is not None or jacobi_window is not None:
+                # Speculative decoding draws (with `generator`) and verifies several tokens per pass itself.
+                sampling = dict(assistant_model=assistant_model, jacobi_window=jacobi_window, generator=generator,
+                                do_sample=True, temperature=temperature, top_k=top_k or 0, top_p=top_p)  # fmt: skip
             sequences = self.transformer.generate(
                 input_ids=self.transformer.prepare_class_ids(label_ids, device=device),
                 guidance_scale=guidance_scale,
                 guidance_schedule=guidance_schedule,
                 guidance_scale_pow=guidance_scale_pow,
                 orders=orders,
-                logits_processor=LogitsProcessorList([sampler, _ProgressBarLogitsProcessor(progress_bar)]),
-                do_sample=False,
                 use_cache=use_cache,
                 cache_implementation=cache_implementation,
+                **sampling,
             )
         tokens = sequences[:, 1:]  # drop the class token; generate returns raster order whatever the order used
 
