@@ -47,6 +47,9 @@ def parse_args(argv=None):
     p.add_argument("--quality_batch_size", type=int, default=100, help="Rows per generate() call for quality.")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's).")
     p.add_argument("--output_json", default=None, help="Also write the records here.")
+    p.add_argument("--pass_cost", default=None, metavar="PRESET",
+                   help="Only time one forward pass of 1, 5, 9 and 17 new tokens after 128 cached ones on a preset "
+                        "(e.g. rar-b, random weights, batch 1): what a verification pass costs against a plain step.")  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -90,9 +93,38 @@ def quality(model, vqvae, judge, method, num_per_class, batch_size, seed):
     return judge.score(images_to_digits(torch.cat(images)), labels)
 
 
+def pass_cost(preset, repeats=5):
+    """Median seconds of one guided-free forward pass of T new tokens over a 128-token prefix in a static cache."""
+    from rar_hf import RARConfig
+    from rar_hf.prepacked_linear import prepacked_linear_weights
+    from rar_hf.speculative_rar import _GuidedModel
+
+    model = RARForImageGeneration(RARConfig.from_preset(preset)).eval()
+    prefix = 128
+    sequence = torch.randint(0, model.config.codebook_size, (1, 1 + prefix + 17))
+    sequence[:, 0] = model.prepare_class_ids([0])[:, 0]
+    rows = {}
+    with prepacked_linear_weights(model, 1):
+        guided = _GuidedModel(model, sequence[:, :1], None, False, [], "static")
+        guided.scores(sequence, prefix, prefix - 1)
+        for new_tokens in (1, 5, 9, 17):
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                guided.scores(sequence, prefix + new_tokens, prefix)
+                times.append(time.perf_counter() - start)
+                guided.rollback(prefix)
+            rows[new_tokens] = statistics.median(times)
+    print(f"{preset}, batch 1, float32, prepacked, {torch.get_num_threads()} threads: one forward pass after {prefix} tokens")
+    for new_tokens, seconds in rows.items():
+        print(f"  {new_tokens:2d} new tokens: {seconds * 1e3:7.1f} ms ({seconds / rows[1]:.2f}x one token)")
+
+
 def main(args):
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.pass_cost:
+        return pass_cost(args.pass_cost)
     pipe = RARPipeline.from_pretrained(args.model)
     target, vqvae = pipe.transformer.eval(), pipe.vqvae
     draft = load_transformer(args.draft)
