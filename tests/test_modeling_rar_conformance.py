@@ -245,7 +245,7 @@ def test_token_counts_beyond_the_image_are_rejected_and_fewer_give_partial_seque
     "kwargs, message",
     [
         ({"prompt_lookup_num_tokens": 3}, "prompt_lookup_num_tokens.*no text to look up"),
-        ({"assistant_model": "self"}, "assistant_model.*not supported"),
+        ({"assistant_model": "not a model"}, "assistant_model must be a RARForImageGeneration"),
     ],
 )
 def test_decoding_strategies_that_do_not_apply_get_clear_errors(kwargs, message):

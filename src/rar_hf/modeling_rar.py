@@ -28,6 +28,7 @@ from .generation_rar import (
     random_orders,
 )
 from .prepacked_linear import PrepackedLinear, prepacked_linear_weights
+from .speculative_rar import speculative_generate
 
 
 def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
@@ -594,13 +595,12 @@ class RARForImageGeneration(RARPreTrainedModel, GenerationMixin):
 
     def _check_generation_request(self, kwargs: dict, guidance: bool, orders) -> dict:
         """Reject what RAR cannot generate, before any compute; returns `kwargs` with consistent token counts."""
-        for name, why in (
-            ("prompt_lookup_num_tokens", "prompt lookup drafts tokens by copying n-grams of the prompt, and a class "
-             "token followed by image tokens has no text to look up"),
-            ("assistant_model", "assisted (speculative) decoding is not supported by RARForImageGeneration yet"),
-        ):
-            if kwargs.get(name) is not None:
-                raise ValueError(f"generate() does not accept `{name}`: {why}.")
+        if kwargs.get("prompt_lookup_num_tokens") is not None:
+            raise ValueError(
+                "generate() does not accept `prompt_lookup_num_tokens`: prompt lookup drafts tokens by copying n-grams "
+                "of the prompt, and a class token followed by image tokens has no text to look up. Speculative "
+                "decoding for RAR is `assistant_model=` (a smaller RAR) or `jacobi_window=`."
+            )
         generation_config = kwargs.get("generation_config") or self.generation_config
         num_beams = kwargs.get("num_beams", generation_config.num_beams) or 1
         if num_beams > 1 and guidance:
@@ -693,6 +693,12 @@ class RARForImageGeneration(RARPreTrainedModel, GenerationMixin):
                 float32/bfloat16 weights for the length of the call (decoding steps about 2x faster; the copies, as
                 large as those weights, are freed afterwards). Inside a `rar_hf.prepacked_linear_weights(model)`
                 block the block's copies are used instead. No effect on other devices.
+            assistant_model ([`RARForImageGeneration`], *optional*): a smaller RAR with the same codebook and classes
+                that drafts `num_assistant_tokens` (default 4) tokens per target pass: speculative sampling, exact
+                (see `rar_hf.speculative_rar`). Batches are exact too but accept fewer tokens per pass.
+            jacobi_window (`int`, *optional*): speculative Jacobi decoding (training-free, exact) guessing this many
+                tokens ahead per pass. With either, `generator=` (a `torch.Generator` or one per row) makes the draws
+                reproducible, and `acceptance="relaxed"` (with `relax=`, default 2) trades exactness for speed.
             kwargs: passed to `GenerationMixin.generate` (`temperature`, `top_k`, `top_p`, `do_sample`,
                 `cache_implementation="static"`, `use_cache`, `return_dict_in_generate`, `output_scores`, ...).
 
@@ -704,8 +710,8 @@ class RARForImageGeneration(RARPreTrainedModel, GenerationMixin):
             `2B` rows `[conditional; null]` the model ran; step 0 runs the cls and condition slots (see
             [`RARModel.forward`]), later steps the newest token (the whole sequence with `use_cache=False`).
             `max_new_tokens < image_seq_len` returns the first tokens of the image (raster order only); more than
-            `image_seq_len` is an error. Beam search runs without guidance only; `assistant_model` and
-            `prompt_lookup_num_tokens` are not supported.
+            `image_seq_len` is an error. Beam search runs without guidance only; `prompt_lookup_num_tokens` is not
+            supported (speculative decoding is `assistant_model=` or `jacobi_window=`).
         """
         if input_ids is None:
             if class_labels is None:
@@ -738,8 +744,12 @@ class RARForImageGeneration(RARPreTrainedModel, GenerationMixin):
         if logits_processor is not None:
             processors.extend(logits_processor)
         kwargs = self._check_generation_request(kwargs, guidance, orders)
+        assistant_model, jacobi_window = kwargs.pop("assistant_model", None), kwargs.pop("jacobi_window", None)
+        speculative = assistant_model is not None or jacobi_window is not None
+        if speculative and step_callback is not None:
+            raise ValueError("step_callback cannot be combined with speculative decoding (assistant_model=, jacobi_window=).")
         sampler = None
-        if generator is not None and sampling["do_sample"]:
+        if generator is not None and sampling["do_sample"] and not speculative:
             # transformers samples from the global RNG: draw in a processor instead, and let greedy read the draw.
             sampler = RARSamplingLogitsProcessor(
                 generator, sampling["temperature"], sampling["top_k"], sampling["top_p"],
@@ -751,15 +761,22 @@ class RARForImageGeneration(RARPreTrainedModel, GenerationMixin):
             kwargs["stopping_criteria"] = StoppingCriteriaList([*(kwargs.get("stopping_criteria") or []), step_callback])
         num_rows = batch_size * (2 if guidance else 1)
         with prepacked_linear_weights(self, num_rows, enabled=prepack_weights):
-            outputs = super().generate(
-                input_ids=input_ids,
-                logits_processor=processors,
-                orders=orders,
-                guidance=guidance,
-                modulation_cache=RARModulationCache(),
-                step_callback=step_callback,
-                **kwargs,
-            )
+            if speculative:
+                # Speculative decoding draws (with `generator`) and verifies several tokens per pass itself.
+                outputs = speculative_generate(
+                    self, input_ids, processors, orders, guidance, assistant_model, jacobi_window=jacobi_window,
+                    generator=generator, prepack_weights=prepack_weights, **kwargs,
+                )  # fmt: skip
+            else:
+                outputs = super().generate(
+                    input_ids=input_ids,
+                    logits_processor=processors,
+                    orders=orders,
+                    guidance=guidance,
+                    modulation_cache=RARModulationCache(),
+                    step_callback=step_callback,
+                    **kwargs,
+                )
         finite_check.raise_if_non_finite()
         if sampler is not None and sampler.scores is not None and not isinstance(outputs, torch.Tensor):
             outputs.scores = tuple(sampler.scores)  # the distributions drawn from, not the one-hot rows

@@ -245,6 +245,8 @@ class RARPipeline(DiffusionPipeline):
         use_cache: bool = True,
         cache_implementation: str | None = None,
         orders=None,
+        assistant_model: RARForImageGeneration | None = None,
+        jacobi_window: int | None = None,
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs: list[str] = ["tokens"],
         **kwargs,
@@ -292,6 +294,11 @@ class RARPipeline(DiffusionPipeline):
                 `callback_kwargs`, among `pipe._callback_tensor_inputs`: `"tokens"` is the `(batch, step + 1)`
                 `LongTensor` of the image tokens generated so far, in generation order (raster order unless `orders`
                 says otherwise; see [`decode_partial`] to look at them).
+            assistant_model ([`RARForImageGeneration`], *optional*): a smaller RAR with the same tokenizer and classes
+                that drafts tokens for the transformer to verify several at a time (exact speculative sampling).
+            jacobi_window (`int`, *optional*): speculative Jacobi decoding (training-free, exact) with this many
+                guessed tokens per pass. With either, the samples follow the same distribution as without, but not
+                the same draws for a given `generator`.
 
         Returns:
             [`RARPipelineOutput`] with `images` and `tokens`, or the tuple `(images, tokens)` if `return_dict` is
@@ -387,6 +394,8 @@ class RARPipeline(DiffusionPipeline):
                 do_sample=True,
                 use_cache=use_cache,
                 cache_implementation=cache_implementation,
+                assistant_model=assistant_model,
+                jacobi_window=jacobi_window,
             )
         tokens = sequences[:, 1:]  # drop the class token; generate returns raster order whatever the order used
         complete = tokens.shape[1] == config.image_seq_len and bool((tokens >= 0).all())

@@ -1,0 +1,180 @@
+"""Speculative decoding on trained models: tokens per forward pass, speed-up and sample quality (tiny digits).
+
+The target is the shipped tiny-digits pipeline (4 layers); the draft model a smaller RAR trained on the same tokens
+with the project's scripts (see benchmarks/README.md, "Speculative decoding"). For every method and setting:
+
+- tokens/forward: image tokens kept per forward pass of the target (plain sampling: 1), and the target's (and the
+  draft's) forward passes per image;
+- speed-up: wall-clock of `generate()` for the same images against plain sampling, at batch 1 (and batch 8 with
+  `--batch8` for Jacobi decoding), after a warm-up, median of `--repeats` passes;
+- quality: digits accuracy and Frechet distance of benchmarks/digits_quality.py on `--num_per_class` x 10 samples,
+  next to plain sampling's spread over 3 seeds. The exact methods sample the same distribution at any batch size, so
+  quality is sampled at `--quality_batch_size` rows per call to keep the run short.
+
+    python benchmarks/speculative.py --draft outputs/draft/rar-draft-2l            # the table of benchmarks/README.md
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from digits_quality import SHIPPED, DigitsJudge  # noqa: E402
+
+from rar_hf import RARForImageGeneration, RARPipeline  # noqa: E402
+from rar_hf.data.digits import images_to_digits  # noqa: E402
+from rar_hf.speculative_rar import SpeculativeStats  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=str(SHIPPED), help="Target pipeline folder (default: the shipped tiny digits).")
+    p.add_argument("--draft", default="outputs/draft/rar-draft-2l", help="Draft pipeline folder or transformer folder.")
+    p.add_argument("--num_assistant_tokens", type=int, nargs="+", default=[3, 6], help="Draft lengths to measure.")
+    p.add_argument("--jacobi_windows", type=int, nargs="+", default=[4, 8, 16], help="Jacobi windows to measure.")
+    p.add_argument("--relax", type=float, default=None, help="Also measure the relaxed (inexact) rule with this factor.")
+    p.add_argument("--speed_images", type=int, default=10, help="Images timed per method at batch 1.")
+    p.add_argument("--repeats", type=int, default=3, help="Timed passes per method (median).")
+    p.add_argument("--batch8", action="store_true", help="Also time Jacobi decoding at batch 8.")
+    p.add_argument("--num_per_class", type=int, default=100, help="Quality samples per class (0: skip quality).")
+    p.add_argument("--quality_batch_size", type=int, default=100, help="Rows per generate() call for quality.")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's).")
+    p.add_argument("--output_json", default=None, help="Also write the records here.")
+    p.add_argument("--pass_cost", default=None, metavar="PRESET",
+                   help="Only time one forward pass of 1, 5, 9 and 17 new tokens after 128 cached ones on a preset "
+                        "(e.g. rar-b, random weights, batch 1): what a verification pass costs against a plain step.")  # fmt: skip
+    return p.parse_args(argv)
+
+
+def load_transformer(path) -> RARForImageGeneration:
+    path = Path(path)
+    folder = path / "transformer" if (path / "transformer").is_dir() else path
+    return RARForImageGeneration.from_pretrained(folder).eval()
+
+
+def generate(model, labels, seed, stats=None, **method):
+    ids = model.prepare_class_ids(labels)
+    generator = torch.Generator().manual_seed(seed)
+    if method:
+        return model.generate(ids, generator=generator, stats=stats, **method)
+    # Plain sampling (transformers' own loop) draws from the global RNG.
+    torch.manual_seed(seed)
+    return model.generate(ids)
+
+
+def time_method(model, method, batch_size, num_images, repeats):
+    labels = [i % model.config.num_classes for i in range(batch_size)]
+    calls = max(num_images // batch_size, 1)
+    generate(model, labels, 0, **method)  # warm-up
+    times, stats = [], SpeculativeStats()
+    for repeat in range(repeats):
+        start = time.perf_counter()
+        for call in range(calls):
+            generate(model, labels, 1000 * repeat + call, stats=stats if method else None, **method)
+        times.append((time.perf_counter() - start) / (calls * batch_size))
+    images = repeats * calls * batch_size
+    return statistics.median(times), stats, images
+
+
+def quality(model, vqvae, judge, method, num_per_class, batch_size, seed):
+    labels = np.repeat(np.arange(model.config.num_classes), num_per_class)
+    images = []
+    for start in range(0, len(labels), batch_size):
+        tokens = generate(model, labels[start : start + batch_size].tolist(), seed + start, **method)[:, 1:]
+        with torch.no_grad():
+            images.append(vqvae.decode(tokens, latent_size=tuple(model.config.latent_size)).sample.float())
+    return judge.score(images_to_digits(torch.cat(images)), labels)
+
+
+def pass_cost(preset, repeats=5):
+    """Median seconds of one guided-free forward pass of T new tokens over a 128-token prefix in a static cache."""
+    from rar_hf import RARConfig
+    from rar_hf.prepacked_linear import prepacked_linear_weights
+    from rar_hf.speculative_rar import _GuidedModel
+
+    model = RARForImageGeneration(RARConfig.from_preset(preset)).eval()
+    prefix = 128
+    sequence = torch.randint(0, model.config.codebook_size, (1, 1 + prefix + 17))
+    sequence[:, 0] = model.prepare_class_ids([0])[:, 0]
+    rows = {}
+    with prepacked_linear_weights(model, 1):
+        guided = _GuidedModel(model, sequence[:, :1], None, False, [], "static")
+        guided.scores(sequence, prefix, prefix - 1)
+        for new_tokens in (1, 5, 9, 17):
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                guided.scores(sequence, prefix + new_tokens, prefix)
+                times.append(time.perf_counter() - start)
+                guided.rollback(prefix)
+            rows[new_tokens] = statistics.median(times)
+    print(f"{preset}, batch 1, float32, prepacked, {torch.get_num_threads()} threads: one forward pass after {prefix} tokens")
+    for new_tokens, seconds in rows.items():
+        print(f"  {new_tokens:2d} new tokens: {seconds * 1e3:7.1f} ms ({seconds / rows[1]:.2f}x one token)")
+
+
+def main(args):
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.pass_cost:
+        return pass_cost(args.pass_cost)
+    pipe = RARPipeline.from_pretrained(args.model)
+    target, vqvae = pipe.transformer.eval(), pipe.vqvae
+    draft = load_transformer(args.draft)
+    methods = [("plain sampling", {})]
+    methods += [(f"draft model, {k} tokens", dict(assistant_model=draft, num_assistant_tokens=k)) for k in args.num_assistant_tokens]
+    methods += [(f"Jacobi, window {w}", dict(jacobi_window=w)) for w in args.jacobi_windows]
+    if args.relax:
+        relaxed = dict(acceptance="relaxed", relax=args.relax)
+        methods += [(f"RELAXED x{args.relax:g} (inexact): draft model, {k} tokens", dict(assistant_model=draft, num_assistant_tokens=k, **relaxed)) for k in args.num_assistant_tokens]  # fmt: skip
+        methods += [(f"RELAXED x{args.relax:g} (inexact): Jacobi, window {w}", dict(jacobi_window=w, **relaxed)) for w in args.jacobi_windows]  # fmt: skip
+    judge = DigitsJudge() if args.num_per_class else None
+    records = []
+    for name, method in methods:
+        record = {"method": name}
+        seconds, stats, images = time_method(target, method, 1, args.speed_images, args.repeats)
+        record["seconds_per_image_b1"] = seconds
+        if method:
+            record["tokens_per_forward"] = stats.tokens_per_forward
+            record["target_forwards_per_image"] = stats.target_forwards / images
+            record["draft_forwards_per_image"] = stats.draft_forwards / images
+        if args.batch8 and ("jacobi_window" in method or not method):
+            record["seconds_per_image_b8"], stats8, images8 = time_method(target, method, 8, 16, args.repeats)
+            if method:
+                record["tokens_per_forward_b8"] = stats8.tokens_per_forward * 1 / 8  # per row: tokens kept per pass
+        if args.num_per_class:
+            seeds = [0, 1, 2] if not method else [0]
+            scores = [quality(target, vqvae, judge, method, args.num_per_class, args.quality_batch_size, s) for s in seeds]
+            record["accuracy"] = [s["accuracy"] for s in scores]
+            record["frechet"] = [s["frechet"] for s in scores]
+        records.append(record)
+        print(json.dumps(record), file=sys.stderr, flush=True)
+    plain = records[0]
+    print(f"target {args.model} ({target.config.num_hidden_layers} layers), draft {args.draft} "
+          f"({draft.config.num_hidden_layers} layers); {torch.get_num_threads()} threads")  # fmt: skip
+    print("| method | tokens / forward (b1) | target (+ draft) forwards / image | s / image (b1) | speed-up (b1) "
+          "| tokens / forward (b8) | speed-up (b8) | accuracy | Frechet |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in records:
+        forwards = "64" if "tokens_per_forward" not in r else f"{r['target_forwards_per_image']:.1f}"
+        if r.get("draft_forwards_per_image"):
+            forwards += f" (+ {r['draft_forwards_per_image']:.1f})"
+        b8 = "-" if "seconds_per_image_b8" not in r else f"{plain['seconds_per_image_b8'] / r['seconds_per_image_b8']:.2f}x"
+        tpf8 = f"{r['tokens_per_forward_b8']:.2f}" if "tokens_per_forward_b8" in r else ("1" if "seconds_per_image_b8" in r else "-")
+        acc = " / ".join(f"{a:.1%}" for a in r.get("accuracy", [])) or "-"
+        fd = " / ".join(f"{f:.3f}" for f in r.get("frechet", [])) or "-"
+        print(f"| {r['method']} | {r.get('tokens_per_forward', 1.0):.2f} | {forwards} | {r['seconds_per_image_b1']:.3f} "
+              f"| {plain['seconds_per_image_b1'] / r['seconds_per_image_b1']:.2f}x | {tpf8} | {b8} | {acc} | {fd} |")  # fmt: skip
+    if args.output_json:
+        Path(args.output_json).write_text(json.dumps(records, indent=2))
+
+
+if __name__ == "__main__":
+    sys.exit(main(parse_args()))

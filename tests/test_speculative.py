@@ -1,0 +1,179 @@
+"""Speculative decoding (draft model, Jacobi) samples exactly what plain sampling samples, and greedy is unchanged."""
+
+import itertools
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from rar_hf import RARConfig, RARForImageGeneration, guidance_scales
+from rar_hf.speculative_rar import SpeculativeStats
+
+# A tiny token space so that the joint distribution of a whole image (CODES ** LENGTH outcomes) can be enumerated.
+CODES, LENGTH, CLASS = 4, 3, 1
+SAMPLING = dict(guidance_scale=2.5, guidance_schedule="linear", temperature=0.8)
+
+
+def random_rar(seed, num_layers, codebook_size=CODES, image_seq_len=LENGTH, scale=0.25):
+    torch.manual_seed(seed)
+    config = RARConfig(
+        hidden_size=16, num_hidden_layers=num_layers, num_attention_heads=2, intermediate_size=32,
+        codebook_size=codebook_size, num_classes=3, image_seq_len=image_seq_len, latent_size=[1, image_seq_len],
+        dropout=0.0, attention_dropout=0.0,
+    )  # fmt: skip
+    model = RARForImageGeneration(config).eval()
+    with torch.no_grad():  # adaLN-zero would make a fresh model ignore its blocks
+        for p in model.parameters():
+            p.normal_(0, scale)
+    return model
+
+
+@pytest.fixture(scope="module")
+def models(one_thread):
+    return random_rar(0, num_layers=2), random_rar(1, num_layers=1)
+
+
+def exact_distribution(model, guidance_scale, guidance_schedule, temperature):
+    """P(image) of plain guided sampling for every image, by teacher forcing (no cache, no generate())."""
+    images = torch.tensor(list(itertools.product(range(CODES), repeat=LENGTH)))
+    cond = model.prepare_class_ids([CLASS] * len(images))
+    null = model.prepare_class_ids([None] * len(images))
+    with torch.no_grad():
+        c = model(torch.cat([cond, images], 1)).logits[:, :-1]
+        u = model(torch.cat([null, images], 1)).logits[:, :-1]
+    scales = guidance_scales(LENGTH, guidance_scale, guidance_schedule)[None, :, None]
+    log_p = torch.log_softmax((u + (c - u) * scales) / temperature, dim=-1)
+    return log_p.gather(-1, images[..., None]).squeeze(-1).sum(-1).exp().double()
+
+
+def sample_counts(model, num_images, batch_size=1, seed=0, **kwargs):
+    generator = torch.Generator().manual_seed(seed)
+    counts = torch.zeros(CODES**LENGTH, dtype=torch.long)
+    weights = CODES ** torch.arange(LENGTH - 1, -1, -1)
+    for _ in range(num_images // batch_size):
+        ids = model.prepare_class_ids([CLASS] * batch_size)
+        out = model.generate(ids, generator=generator, prepack_weights=False, **SAMPLING, **kwargs)
+        counts += torch.bincount((out[:, 1:] * weights).sum(1), minlength=CODES**LENGTH)
+    return counts
+
+
+def chi_square_p_value(counts, probs):
+    expected = probs / probs.sum() * counts.sum()
+    # Cells expected below 5 are pooled into one, as the chi-square approximation needs.
+    small = expected < 5
+    observed = torch.cat([counts[~small].double(), counts[small].double().sum()[None]])
+    expected = torch.cat([expected[~small], expected[small].sum()[None]])
+    return chisquare(observed.numpy(), expected.numpy()).pvalue
+
+
+@pytest.mark.parametrize(
+    "method",
+    [dict(jacobi_window=2), dict(assistant=True, num_assistant_tokens=2), dict(jacobi_window=3, batch_size=4)],
+    ids=["jacobi", "draft-model", "jacobi-batch4"],
+)
+def test_speculative_sampling_matches_the_guided_distribution(models, method):
+    target, draft = models
+    method = dict(method)
+    batch_size = method.pop("batch_size", 1)
+    if method.pop("assistant", False):
+        method["assistant_model"] = draft
+    probs = exact_distribution(target, **SAMPLING)
+    exact = sample_counts(target, 1200, batch_size=batch_size, **method)
+    assert chi_square_p_value(exact, probs) > 0.01
+    # The test has the power to see a wrong acceptance rule: accepting drafts 3x too readily is caught.
+    biased = sample_counts(target, 300, batch_size=batch_size, acceptance="relaxed", relax=3.0, **method)
+    assert chi_square_p_value(biased, probs) < 1e-4
+
+
+@pytest.fixture(scope="module")
+def larger_models(one_thread):
+    return random_rar(2, num_layers=2, codebook_size=16, image_seq_len=16), random_rar(3, 1, 16, 16)
+
+
+@pytest.mark.parametrize("cache_implementation", ["static", "dynamic"])
+@pytest.mark.parametrize(
+    "method",
+    [dict(assistant="draft"), dict(assistant="self", num_assistant_tokens=3), dict(jacobi_window=1),
+     dict(jacobi_window=4), dict(jacobi_window=16)],
+    ids=["draft-model", "self-draft", "jacobi-1", "jacobi-4", "jacobi-16"],
+)  # fmt: skip
+def test_greedy_speculative_decoding_gives_the_greedy_tokens(larger_models, method, cache_implementation):
+    target, draft = larger_models
+    method = dict(method)
+    assistant = method.pop("assistant", None)
+    if assistant:
+        method["assistant_model"] = draft if assistant == "draft" else target
+    ids = target.prepare_class_ids([0, None, 2])
+    orders = torch.stack([torch.randperm(16) for _ in range(3)])
+    for guidance_scale, order in [(3.0, None), (1.0, orders)]:  # a guided schedule; a random order per row
+        kwargs = dict(guidance_scale=guidance_scale, guidance_scale_pow=1.0, orders=order, do_sample=False,
+                      cache_implementation=cache_implementation, prepack_weights=False)  # fmt: skip
+        plain = target.generate(ids, **kwargs)
+        assert torch.equal(target.generate(ids, **kwargs, **method), plain)
+
+
+def test_self_drafting_accepts_every_draft(larger_models):
+    target, _ = larger_models
+    stats = SpeculativeStats()
+    target.generate(target.prepare_class_ids([1]), assistant_model=target, num_assistant_tokens=4, guidance_scale=2.0,
+                    stats=stats, generator=torch.Generator().manual_seed(0), prepack_weights=False)  # fmt: skip
+    # 16 tokens as 5 + 5 + 5 + 1 (the last step has nothing after it to draft for).
+    assert stats.accepted_per_forward == [5, 5, 5, 1]
+    assert (stats.target_forwards, stats.draft_forwards, stats.tokens_per_forward) == (4, 12, 4.0)
+
+
+def test_speculative_arguments_are_checked(larger_models):
+    target, draft = larger_models
+    ids = target.prepare_class_ids([1])
+    with pytest.raises(ValueError, match="codebook_size: target 16, assistant 4"):
+        target.generate(ids, assistant_model=random_rar(0, 1))
+    with pytest.raises(ValueError, match="exactly one of"):
+        target.generate(ids, assistant_model=draft, jacobi_window=4)
+    with pytest.raises(ValueError, match="jacobi_window must be a positive int, got 0"):
+        target.generate(ids, jacobi_window=0)
+    with pytest.raises(ValueError, match="num_assistant_tokens must be a positive int"):
+        target.generate(ids, assistant_model=draft, num_assistant_tokens=0)
+    with pytest.raises(ValueError, match=r"does not support generate\(\) argument\(s\) \['output_scores'\]"):
+        target.generate(ids, jacobi_window=2, output_scores=True)
+    with pytest.raises(ValueError, match="acceptance must be one of"):
+        target.generate(ids, jacobi_window=2, acceptance="greedy")
+    with pytest.raises(ValueError, match="use_cache=False"):
+        target.generate(ids, jacobi_window=2, use_cache=False)
+
+
+def test_pipeline_takes_a_draft_model_or_a_jacobi_window(one_thread):
+    from test_pipeline_rar import tiny_pipeline
+
+    pipe = tiny_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+
+    def tokens(seed, **kwargs):
+        generator = torch.Generator().manual_seed(seed)
+        return pipe([0, 2], generator=generator, output_type="tokens", guidance_scale=2.0, **kwargs).tokens
+
+    for method in (dict(jacobi_window=4), dict(assistant_model=pipe.transformer)):
+        assert torch.equal(tokens(0, **method), tokens(0, **method))  # the pipeline's generator drives the draws
+        assert not torch.equal(tokens(0, **method), tokens(1, **method))
+    # Both options reach the speculative loops (which check them), not plain sampling.
+    with pytest.raises(ValueError, match="jacobi_window must be a positive int"):
+        tokens(0, jacobi_window=-1)
+    with pytest.raises(ValueError, match="codebook_size: target 16, assistant 4"):
+        tokens(0, assistant_model=random_rar(0, 1))
+
+
+def test_benchmark_script_prints_the_table():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    shipped = repo / "src" / "rar_hf" / "pretrained" / "tiny-digits"
+    # The shipped model drafting for itself keeps every draft: 64 tokens in 21 passes of 3 and a last one of 1.
+    args = ["--draft", shipped, "--num_assistant_tokens", "2", "--jacobi_windows", "2", "--speed_images", "1",
+            "--repeats", "1", "--num_per_class", "0", "--threads", "1"]  # fmt: skip
+    result = subprocess.run([sys.executable, repo / "benchmarks" / "speculative.py", *map(str, args)], cwd=repo,
+                            capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "| draft model, 2 tokens | 2.91 | 22.0 (+ 42.0) |" in result.stdout
+    assert "| Jacobi, window 2 |" in result.stdout
