@@ -371,6 +371,8 @@ class RARForImageGeneration(RARPreTrainedModel, GenerationMixin):
     """
 
     _tied_weights_keys = {}
+    # What generate() and the speculative loop (which cannot import this module) precompute AdaLN modulations with.
+    modulation_cache_class = RARModulationCache
     # Labels are the input ids themselves (shifted inside): transformers' causal-LM loss, over the image tokens.
     loss_type = "ForCausalLM"
 
@@ -773,7 +775,7 @@ class RARForImageGeneration(RARPreTrainedModel, GenerationMixin):
                     logits_processor=processors,
                     orders=orders,
                     guidance=guidance,
-                    modulation_cache=RARModulationCache(),
+                    modulation_cache=self.modulation_cache_class(),
                     step_callback=step_callback,
                     **kwargs,
                 )

@@ -96,8 +96,6 @@ class _GuidedModel:
     """
 
     def __init__(self, model, input_ids, orders, guidance: bool, processors: LogitsProcessorList, cache_implementation):
-        from .modeling_rar import RARModulationCache
-
         self.model, self.processors, self.guidance = model, processors, guidance
         config = model.config
         rows = input_ids.shape[0] * (2 if guidance else 1)
@@ -117,7 +115,7 @@ class _GuidedModel:
             condition_ids = torch.cat([condition_ids, torch.full_like(condition_ids, self.null_id)])
             orders = torch.cat([orders, orders]) if orders is not None else None
         self.condition_ids, self.orders = condition_ids, orders
-        self.modulation_cache = RARModulationCache()
+        self.modulation_cache = model.modulation_cache_class()
         self.fed = 0  # entries of `sequence` whose keys/values are in the cache
         self.forwards = 0
 
@@ -221,10 +219,9 @@ def _commit(sequence, drafts, accepted, following):
 
 def check_assistant(target, assistant):
     """A draft model must share the codebook, classes, sequence length and latent grid of the target."""
-    from .modeling_rar import RARForImageGeneration
-
-    if not isinstance(assistant, RARForImageGeneration):
-        raise ValueError(f"assistant_model must be a RARForImageGeneration, got {type(assistant).__name__}.")
+    # The target's own class, not an import of it: the model module imports this one.
+    if not isinstance(assistant, type(target)):
+        raise ValueError(f"assistant_model must be a {type(target).__name__}, got {type(assistant).__name__}.")
     fields = ("codebook_size", "num_classes", "image_seq_len", "latent_size", "null_class_id")
     mismatched = [
         f"{name}: target {getattr(target.config, name)!r}, assistant {getattr(assistant.config, name)!r}"
