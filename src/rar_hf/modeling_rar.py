@@ -671,7 +671,7 @@ class RARForImageGeneration(RARPreTrainedModel, GenerationMixin):
                 keep_scores=bool(sampling["output_scores"]),
             )  # fmt: skip
             processors.append(sampler)
-            kwargs.update(do_sample=False, temperature=1.0, top_k=0, top_p=1.0)
+            kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
         if step_callback is not None:
             kwargs["stopping_criteria"] = StoppingCriteriaList([*(kwargs.get("stopping_criteria") or []), step_callback])
         num_rows = batch_size * (2 if guidance else 1)
