@@ -13,7 +13,7 @@ from rar_hf import RARConfig, RARForImageGeneration
 from rar_hf.convert import main
 from rar_hf.model_card import write_model_card
 
-V, C, L = 1024, 1000, 256
+from conftest import official_rar_layout
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -34,23 +34,19 @@ def official_state_dict(rar_fixture_dir):
 def test_converted_folder_matches_official_train_logits(converted_dir, rar_fixture_dir):
     model = RARForImageGeneration.from_pretrained(converted_dir).eval()
     cases = load_file(str(rar_fixture_dir / "cases.safetensors"))
+    V, _, _ = official_rar_layout(rar_fixture_dir)
     orders = cases["orders"]
     input_ids = torch.cat([(cases["class_labels"] + V + 1)[:, None], cases["tokens"].gather(1, orders)], dim=1)
     logits = model(input_ids=input_ids, orders=orders).logits
     assert (logits - cases["train_logits"]).abs().max().item() < 1e-5
 
 
-def test_converted_config_is_inferred_from_shapes(converted_dir):
+def test_converted_config_is_inferred_from_shapes(converted_dir, rar_fixture_dir):
     config = json.loads((converted_dir / "config.json").read_text())
-    expected = dict(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=256,
-        image_seq_len=L,
-        codebook_size=V,
-        num_classes=C,
-    )
+    official = json.loads((rar_fixture_dir / "config.json").read_text())
+    keys = ["hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "image_seq_len", "codebook_size"]
+    expected = {key: official[key] for key in keys}
+    expected["num_classes"] = official["condition_num_classes"]
     assert {key: config[key] for key in expected} == expected
 
 
@@ -67,7 +63,7 @@ def _save_modified(state_dict, path, edit):
         (lambda sd: sd.pop("blocks.1.mlp.fc2.bias"), "model.layers.1.mlp.fc2.bias"),
         (lambda sd: sd.__setitem__("blocks.0.attn.extra.weight", torch.zeros(3)), "blocks.0.attn.extra.weight"),
         (
-            lambda sd: sd.__setitem__("blocks.1.norm2.weight", torch.zeros(63)),
+            lambda sd: sd.__setitem__("blocks.1.norm2.weight", torch.zeros(7)),
             "model.layers.1.post_attention_layernorm.weight",
         ),
     ],
@@ -126,7 +122,10 @@ def test_pipeline_folder_and_push_to_hub(rar_fixture_dir, vqgan_fixture_dir, tmp
     assert index["_class_name"] == "RARPipeline"
     assert index["transformer"] == ["rar_hf.modeling_rar", "RARForImageGeneration"]
     assert index["vqvae"] == ["rar_hf.modeling_maskgit_vqgan", "MaskGITVQModel"]
-    assert index["id2label"]["0"] == "tench, Tinca tinca" and len(index["id2label"]) == C
+    _, C, _ = official_rar_layout(rar_fixture_dir)
+    assert len(index["id2label"]) == C
+    # ImageNet names for the 1000 ImageNet classes, the class ids as names otherwise.
+    assert index["id2label"]["0"] == ("tench, Tinca tinca" if C == 1000 else "0")
 
     card = ModelCard.load(output_dir / "README.md")
     assert card.data.license == "apache-2.0"

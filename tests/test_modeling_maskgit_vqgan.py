@@ -1,9 +1,13 @@
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from rar_hf.modeling_maskgit_vqgan import MaskGITVQModel
+
+from conftest import official_vqgan_config
 
 TINY = dict(hidden_channels=32, channel_mult=(1, 1, 2), num_res_blocks=1, latent_channels=8, codebook_size=16)
 
@@ -18,8 +22,9 @@ def tiny_model(**overrides) -> MaskGITVQModel:
 
 @pytest.fixture(scope="module")
 def official(vqgan_fixture_dir):
-    model = MaskGITVQModel.from_official_checkpoint(vqgan_fixture_dir / "tokenizer.bin", sample_size=64)
-    return model, load_file(vqgan_fixture_dir / "cases.safetensors")
+    config = official_vqgan_config(vqgan_fixture_dir)
+    model = MaskGITVQModel.from_official_checkpoint(vqgan_fixture_dir / "tokenizer.bin", sample_size=config["resolution"])
+    return model, load_file(vqgan_fixture_dir / "cases.safetensors"), config
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +34,9 @@ def official_state_dict(vqgan_fixture_dir):
 
 @torch.no_grad()
 def test_parity_with_official_outputs(official):
-    model, cases = official
-    assert model.downsample_factor == 16 and model.codebook_size == 1024
+    model, cases, config = official
+    assert model.downsample_factor == 2 ** (config["num_resolutions"] - 1)
+    assert model.codebook_size == config["codebook_size"]
     encoded = model.encode(cases["images"])
     unclamped = model.decode(cases["codes"], clamp=False).sample
     decoded = model.decode(cases["codes"]).sample
@@ -49,7 +55,7 @@ def test_parity_with_official_outputs(official):
 
 
 def test_official_key_layout_is_preserved(official, official_state_dict):
-    model, _ = official
+    model, _, _ = official
     assert list(model.state_dict()) == list(official_state_dict)
 
 
@@ -132,18 +138,26 @@ def test_bad_latents_and_grid_raise():
         model.decode(torch.zeros(1, 16, dtype=torch.long), latent_size=(3, 5))
 
 
-def test_conversion_infers_config_and_strips_prefix(official_state_dict):
+def test_conversion_infers_config_and_strips_prefix(official_state_dict, vqgan_fixture_dir):
     prefixed = {f"module.{key}": value for key, value in official_state_dict.items()}
     model = MaskGITVQModel.from_official_checkpoint(prefixed)
-    expected = dict(hidden_channels=32, channel_mult=[1, 1, 2, 2, 4], num_res_blocks=2, latent_channels=64)
+    official = official_vqgan_config(vqgan_fixture_dir)
+    expected = dict(
+        hidden_channels=official["hidden_channels"],
+        channel_mult=official["channel_mult"],
+        num_res_blocks=official["num_res_blocks"],
+        latent_channels=official["z_channels"],
+    )
     assert {key: model.config[key] for key in expected} == expected
-    assert model.config.codebook_size == 1024 and not model.training
+    assert model.config.codebook_size == official["codebook_size"] and not model.training
 
 
 def test_conversion_rejects_mismatched_state_dicts(official_state_dict):
     missing = dict(official_state_dict)
-    del missing["decoder.up.1.block.0.nin_shortcut.weight"]
-    with pytest.raises(ValueError, match=r"missing key decoder\.up\.1\.block\.0\.nin_shortcut\.weight"):
+    # A channel-changing decoder block: its shortcut is the one key that shapes alone would not reveal as missing.
+    shortcut = next(key for key in official_state_dict if key.startswith("decoder.up.") and "nin_shortcut.weight" in key)
+    del missing[shortcut]
+    with pytest.raises(ValueError, match="missing key " + re.escape(shortcut)):
         MaskGITVQModel.from_official_checkpoint(missing)
 
     extra = {**official_state_dict, "encoder.conv_in.bias": torch.zeros(32)}

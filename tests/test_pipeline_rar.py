@@ -468,12 +468,17 @@ def converted_pipeline(rar_fixture_dir, vqgan_fixture_dir, tmp_path_factory):
 
 @torch.no_grad()
 def test_converted_fixture_pipeline_end_to_end(converted_pipeline):
-    # The fixture generator makes a 16x16 grid; the fully convolutional f=16 tokenizer decodes it to 256x256.
+    # The fixture generator makes a square grid of tokens, which the fully convolutional tokenizer decodes.
     pipe = converted_pipeline
-    out = pipe(["tench", 1], guidance_scale=4.0, generator=seeded(0), output_type="pt")
-    assert out.images.shape == (2, 3, 256, 256) and out.tokens.shape == (2, 256)
+    config = pipe.transformer.config
+    height, width = config.latent_size
+    factor = pipe.vqvae.downsample_factor
+    labels = ["tench" if config.num_classes == 1000 else 0, 1]
+    out = pipe(labels, guidance_scale=4.0, generator=seeded(0), output_type="pt")
+    assert out.images.shape == (2, 3, height * factor, width * factor)
+    assert out.tokens.shape == (2, config.image_seq_len)
     assert out.images.min() >= 0 and out.images.max() <= 1
-    torch.testing.assert_close(out.images, pipe.vqvae.decode(out.tokens, latent_size=(16, 16)).sample)
-    again = pipe(["tench", 1], guidance_scale=4.0, generator=seeded(0), output_type="tokens").tokens
-    other = pipe(["tench", 1], guidance_scale=4.0, generator=seeded(1), output_type="tokens").tokens
+    torch.testing.assert_close(out.images, pipe.vqvae.decode(out.tokens, latent_size=(height, width)).sample)
+    again = pipe(labels, guidance_scale=4.0, generator=seeded(0), output_type="tokens").tokens
+    other = pipe(labels, guidance_scale=4.0, generator=seeded(1), output_type="tokens").tokens
     assert torch.equal(again, out.tokens) and not torch.equal(other, out.tokens)

@@ -20,6 +20,14 @@ RAR_SAMPLING_DEFAULTS = {
 DEFAULT_SAMPLING = dict(guidance_scale=1.0, guidance_scale_pow=0.0, temperature=1.0)
 
 
+def match_preset(config_kwargs: dict) -> str | None:
+    """Name of the official size whose width, depth, heads and MLP width match, if any."""
+    for name, preset in RAR_PRESETS.items():
+        if all(config_kwargs.get(k) == v for k, v in preset.items()):
+            return name
+    return None
+
+
 class RARConfig(PreTrainedConfig):
     r"""
     Configuration of a [`RARForImageGeneration`] model (Randomized AutoRegressive visual generation, arXiv 2411.00776).
@@ -50,6 +58,8 @@ class RARConfig(PreTrainedConfig):
             `guidance_scale_pow`, `temperature`), used as defaults by `generate()` and `RARPipeline`. The presets hold
             the paper's values. (Kept out of the top level because transformers reserves those names for
             `GenerationConfig`.)
+        use_cache (`bool`, *optional*, defaults to `True`): whether a forward without a `cache` creates and returns
+            one (the default of `RARModel.forward(use_cache=...)`).
 
     Example:
 
@@ -80,6 +90,7 @@ class RARConfig(PreTrainedConfig):
         initializer_range: float = 0.02,
         target_aware_position_embedding_folded: bool = False,
         sampling_defaults: dict | None = None,
+        use_cache: bool = True,
         **kwargs,
     ):
         if hidden_size % num_attention_heads != 0:
@@ -111,6 +122,7 @@ class RARConfig(PreTrainedConfig):
         self.initializer_range = initializer_range
         self.target_aware_position_embedding_folded = target_aware_position_embedding_folded
         self.sampling_defaults = {**DEFAULT_SAMPLING, **(sampling_defaults or {})}
+        self.use_cache = use_cache
         # The generation loop sees `[condition, image tokens]`; the learned cls slot is added inside the model.
         kwargs.setdefault("bos_token_id", None)
         kwargs.setdefault("pad_token_id", None)

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .configuration_rar import RAR_PRESETS, RAR_SAMPLING_DEFAULTS
+from .configuration_rar import RAR_SAMPLING_DEFAULTS, RARConfig, match_preset
+from .modeling_rar import RARForImageGeneration
 
 # Official key -> our key; `{i}` is a block index.
 _RAR_KEY_MAP = {
@@ -109,19 +110,8 @@ def infer_rar_config(state_dict: dict) -> dict:
     )
 
 
-def match_preset(config_kwargs: dict) -> str | None:
-    """Name of the official size whose width, depth, heads and MLP width match, if any."""
-    for name, preset in RAR_PRESETS.items():
-        if all(config_kwargs.get(k) == v for k, v in preset.items()):
-            return name
-    return None
-
-
 def convert_rar_state_dict(state_dict: dict) -> tuple[dict, dict]:
     """Official generator state dict -> (RARConfig kwargs, our state dict). Errors list every bad key."""
-    from .configuration_rar import RARConfig
-    from .modeling_rar import RARForImageGeneration
-
     config_kwargs = infer_rar_config(state_dict)
     preset = match_preset(config_kwargs)
     if preset is not None:
@@ -158,6 +148,19 @@ def convert_rar_state_dict(state_dict: dict) -> tuple[dict, dict]:
     return config_kwargs, converted
 
 
+def rar_from_official_checkpoint(checkpoint, **config_overrides) -> RARForImageGeneration:
+    """Build a model from an official RAR generator state dict (`rar_b.bin`, ...) or a path to one.
+
+    The whole config is inferred from the tensor shapes; keyword arguments override config fields (e.g. sampling
+    settings). Missing, unexpected or mis-shaped keys raise a `ValueError` that lists them.
+    """
+    state_dict = load_official_state_dict(checkpoint) if isinstance(checkpoint, (str, Path)) else checkpoint
+    config_kwargs, converted = convert_rar_state_dict(state_dict)
+    model = RARForImageGeneration(RARConfig(**{**config_kwargs, **config_overrides}))
+    model.load_state_dict(converted, strict=True)
+    return model.eval()
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--generator", required=True, help="Official RAR generator state dict (rar_b.bin, ...).")
@@ -185,9 +188,7 @@ def push_folder_to_hub(folder, repo_id: str, private: bool = False, commit_messa
 
 def main(argv=None):
     args = parse_args(argv)
-    from .modeling_rar import RARForImageGeneration
-
-    transformer = RARForImageGeneration.from_official_checkpoint(args.generator)
+    transformer = rar_from_official_checkpoint(args.generator)
     if args.fold_target_aware_position_embedding:
         transformer.fold_target_aware_position_embedding()
     output_dir = Path(args.output_dir)

@@ -11,7 +11,7 @@ from string import Template
 import torch
 from huggingface_hub import ModelCard
 
-from .convert import match_preset
+from .configuration_rar import match_preset
 
 
 def model_card_template_name(config, training=None) -> str:

@@ -2,7 +2,6 @@
 
 import numbers
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +13,10 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import can_return_tuple
+from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_rar import RARConfig
 from .generation_rar import (
@@ -87,6 +90,7 @@ class RARAttention(nn.Module):
             attention_mask,
             dropout=self.attention_dropout if self.training else 0.0,
             scaling=self.scaling,
+            **kwargs,
         )
         attn_output = attn_output.reshape(batch_size, seq_len, -1)
         return self.o_dropout(self.o_proj(attn_output)), attn_weights
@@ -137,6 +141,8 @@ class RARPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _can_compile_fullgraph = True
+    # `output_hidden_states` / `output_attentions` are recorded by transformers' hooks on these modules.
+    _can_record_outputs = {"hidden_states": RARDecoderLayer, "attentions": RARAttention}
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -225,6 +231,9 @@ class RARModel(RARPreTrainedModel):
         target = self.target_aware_position_embedding[target_index.clamp(max=num_positions - 1)] * has_target
         return position + target
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @merge_with_config_defaults
+    @capture_outputs(tie_last_hidden_states=False)
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -248,6 +257,15 @@ class RARModel(RARPreTrainedModel):
         modulations (`list[torch.Tensor]`, *optional*):
             Precomputed AdaLN modulations of this call's slots, one `(B, T, 6 * hidden)` tensor per layer and a last
             `(B, T, 2 * hidden)` one for the output norm (see [`RARModulationCache`]).
+
+        Returns `BaseModelOutputWithPast` (a tuple with `return_dict=False`). `last_hidden_state` has one row per
+        `input_ids` slot (the cls slot predicts nothing and is dropped) after the final AdaLN norm. With
+        `output_hidden_states=True`, `hidden_states` holds `num_hidden_layers + 1` tensors: the embeddings, then the
+        output of each layer, all before the final norm and over the slots this call runs, which **count the cls slot**
+        on a call that starts a sequence (`(B, 1 + input_ids.shape[1], hidden)`, cls at index 0) and not on a call that
+        continues a cached one (`(B, input_ids.shape[1], hidden)`). `attentions` (`output_attentions=True`, eager
+        attention; sdpa and flash attention return none, as in transformers) are `(B, heads, T, kv_length)` per layer
+        over the same slots.
         """
         use_cache = use_cache if use_cache is not None else False
         if use_cache and cache is None:
@@ -353,6 +371,8 @@ class RARForImageGeneration(RARPreTrainedModel, GenerationMixin):
     """
 
     _tied_weights_keys = {}
+    # Labels are the input ids themselves (shifted inside): transformers' causal-LM loss, over the image tokens.
+    loss_type = "ForCausalLM"
 
     def __init__(self, config: RARConfig):
         super().__init__(config)
@@ -403,6 +423,14 @@ class RARForImageGeneration(RARPreTrainedModel, GenerationMixin):
 
     def set_input_embeddings(self, value):
         self.model.embed_tokens = value
+
+    def resize_token_embeddings(self, *args, **kwargs):
+        raise ValueError(
+            "RAR's vocabulary cannot be resized: its ids are the image tokenizer's codebook "
+            f"[0, {self.config.codebook_size}), one mask token, then the {self.config.num_classes} classes and the null "
+            "class (see RARConfig), and the output head scores exactly the codebook. A different codebook or class "
+            "set is a new model: build one from a RARConfig with the new codebook_size / num_classes."
+        )
 
     # ----------------------------------------------------------------------------------------------- prompts, checks
     def prepare_class_ids(self, class_labels, device=None) -> torch.LongTensor:
@@ -462,6 +490,8 @@ class RARForImageGeneration(RARPreTrainedModel, GenerationMixin):
                 raise ValueError(f"Each row of orders must be a permutation of [0, {config.image_seq_len}).")
 
     # ------------------------------------------------------------------------------------------------------ forward
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -475,6 +505,16 @@ class RARForImageGeneration(RARPreTrainedModel, GenerationMixin):
         logits_to_keep: int = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        r"""
+        labels (`torch.LongTensor` of shape `(B, 1 + N)`, *optional*):
+            Causal-LM labels aligned with `input_ids` (`-100` ignored, shifted inside), or pass `shift_labels` already
+            aligned with the logits. The loss is transformers' `self.loss_function` (`ForCausalLMLoss`), so
+            `num_items_in_batch` (the number of labelled tokens over all gradient-accumulation micro-batches) gives a
+            sum normalised by it, as the Trainer expects.
+
+        Returns `CausalLMOutputWithPast` (a tuple with `return_dict=False`); `hidden_states` and `attentions` as
+        [`RARModel.forward`] describes (they count the cls slot on a call that starts a sequence).
+        """
         if input_ids is None:
             raise ValueError("RARForImageGeneration needs input_ids: the class token followed by image tokens.")
         if cache_position is None:
@@ -490,6 +530,7 @@ class RARForImageGeneration(RARPreTrainedModel, GenerationMixin):
             cache=cache,
             use_cache=use_cache,
             cache_position=cache_position,
+            return_dict=True,  # this method makes the tuple, if asked
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -497,11 +538,15 @@ class RARForImageGeneration(RARPreTrainedModel, GenerationMixin):
             hidden_states = hidden_states[:, -logits_to_keep:]
         logits = self.lm_head(hidden_states)
         loss = None
-        if labels is not None:
-            loss = F.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device), ignore_index=-100
-            )
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache)
+        if labels is not None or kwargs.get("shift_labels") is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.codebook_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
 
     # ----------------------------------------------------------------------------------------------- generation
     def prepare_inputs_for_generation(
@@ -514,15 +559,25 @@ class RARForImageGeneration(RARPreTrainedModel, GenerationMixin):
         guidance=False,
         modulation_cache=None,
         step_callback: RARStepCallback | None = None,
+        next_sequence_length=None,
+        is_first_iteration=None,
         **kwargs,
     ):
-        condition_ids = input_ids[:, 0]
+        r"""
+        The model inputs of one generation step. RAR consumes `attention_mask` (its sequences never hold padding),
+        `guidance` (the step runs the doubled batch `[conditional; null]`), `modulation_cache` and `next_sequence_length`
+        (a step feeds the newest token once the cache holds the sequence); every other keyword (output flags, user
+        arguments) is passed on to `forward()`, as transformers' own `prepare_inputs_for_generation` does.
+        """
+        # Inputs are views of the sequence that grows every step: copies keep their strides fixed, so that a compiled
+        # forward is not recompiled at every step (transformers' own prepare_inputs_for_generation does the same).
+        condition_ids = input_ids[:, 0].clone(memory_format=torch.contiguous_format)
         length = input_ids.shape[1]
         starts_sequence = cache is None or length == 1
         rewind = step_callback.pop_rewind() if step_callback is not None else None
         if starts_sequence:
             # The whole sequence (generate() prompts are one class token): the model prepends the cls slot.
-            model_input_ids = input_ids
+            model_input_ids = input_ids.clone(memory_format=torch.contiguous_format)
             cache_position = torch.arange(length + 1, device=input_ids.device)
             start = 0
         elif rewind is not None:
@@ -534,7 +589,7 @@ class RARForImageGeneration(RARPreTrainedModel, GenerationMixin):
             cache_position = torch.arange(start, length + 1, device=input_ids.device)
         else:
             # The cache holds cls, the condition and all tokens but the newest one: `length` slots.
-            model_input_ids = input_ids[:, -1:]
+            model_input_ids = input_ids[:, -1:].clone(memory_format=torch.contiguous_format)
             cache_position = torch.tensor([length], device=input_ids.device)
             start = length
         if guidance:
@@ -548,16 +603,18 @@ class RARForImageGeneration(RARPreTrainedModel, GenerationMixin):
         modulations = None
         if modulation_cache is not None and cache is not None:
             modulations = modulation_cache.modulations(self.model, condition_ids, start, cache_position.shape[0])
-        return {
-            "input_ids": model_input_ids,
-            "condition_ids": condition_ids,
-            "orders": orders,
-            "cache": cache,
-            "use_cache": use_cache,
-            "cache_position": cache_position,
-            "modulations": modulations,
-            "logits_to_keep": 1,
-        }
+        model_inputs = {key: value for key, value in kwargs.items() if key != "labels"}
+        model_inputs.update(
+            input_ids=model_input_ids,
+            condition_ids=condition_ids,
+            orders=orders,
+            cache=cache,
+            use_cache=use_cache,
+            cache_position=cache_position,
+            modulations=modulations,
+            logits_to_keep=1,
+        )
+        return model_inputs
 
     def _prepare_cache_for_generation(
         self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length, *args, **kwargs
@@ -567,6 +624,50 @@ class RARForImageGeneration(RARPreTrainedModel, GenerationMixin):
         return super()._prepare_cache_for_generation(
             generation_config, model_kwargs, generation_mode, batch_size, max_cache_length + 1, *args, **kwargs
         )
+
+    def _check_generation_request(self, kwargs: dict, guidance: bool, orders) -> dict:
+        """Reject what RAR cannot generate, before any compute; returns `kwargs` with consistent token counts."""
+        for name, why in (
+            ("prompt_lookup_num_tokens", "prompt lookup drafts tokens by copying n-grams of the prompt, and a class "
+             "token followed by image tokens has no text to look up"),
+            ("assistant_model", "assisted (speculative) decoding is not supported by RARForImageGeneration yet"),
+        ):
+            if kwargs.get(name) is not None:
+                raise ValueError(f"generate() does not accept `{name}`: {why}.")
+        generation_config = kwargs.get("generation_config") or self.generation_config
+        num_beams = kwargs.get("num_beams", generation_config.num_beams) or 1
+        if num_beams > 1 and guidance:
+            raise ValueError(
+                f"Beam search (num_beams={num_beams}) cannot run with classifier-free guidance: guidance merges the "
+                "[conditional; null] rows into one set of scores per image, which beam search cannot reorder. Pass "
+                "guidance_scale=1.0 to beam-search the conditional model."
+            )
+        if num_beams > 1 and orders is not None:
+            raise ValueError(f"Beam search (num_beams={num_beams}) runs in raster order only (orders=None).")
+        left = self.config.image_seq_len  # the prompt is the class token alone
+        max_new = kwargs.get("max_new_tokens", generation_config.max_new_tokens)
+        if kwargs.get("max_length") is not None and kwargs.get("max_new_tokens") is None:
+            max_new = kwargs["max_length"] - 1
+        min_new = kwargs.get("min_new_tokens")
+        if min_new is None and kwargs.get("min_length") is not None:
+            min_new = kwargs["min_length"] - 1
+        for name, value in (("max_new_tokens", max_new), ("min_new_tokens", min_new)):
+            if value is not None and value > left:
+                raise ValueError(
+                    f"{name}={value} (or the max_length/min_length it comes from) asks for more image tokens than an "
+                    f"image holds: image_seq_len={left} after the class token. Pass at most {left} (fewer give a "
+                    "partial image in generation order)."
+                )
+        if max_new is not None and max_new < left:
+            if orders is not None:
+                raise ValueError(
+                    f"A partial image (max_new_tokens={max_new} < image_seq_len={left}) is only returned in raster "
+                    "order (orders=None): other orders are reordered to raster positions, which needs every token."
+                )
+            if min_new is None:
+                # The default min_new_tokens is a whole image: a partial request lowers it with the maximum.
+                kwargs = {**kwargs, "min_new_tokens": max_new}
+        return kwargs
 
     def _resolve_orders(self, orders, batch_size: int, device, generator=None) -> torch.LongTensor | None:
         if orders is None or (isinstance(orders, str) and orders == "raster"):
@@ -631,7 +732,13 @@ class RARForImageGeneration(RARPreTrainedModel, GenerationMixin):
         Returns:
             `torch.LongTensor` `(B, 1 + image_seq_len)` (or a `GenerateOutput`): the class token then the image tokens
             **in raster order** whatever the generation order. `scores[s]` (with `output_scores=True`) are the guided,
-            temperature-scaled scores from which the `s`-th generated token was drawn.
+            temperature-scaled scores from which the `s`-th generated token was drawn (`B` rows). `logits[s]`,
+            `hidden_states[s]` and `attentions[s]` are the model's raw outputs of step `s`: with guidance they have the
+            `2B` rows `[conditional; null]` the model ran; step 0 runs the cls and condition slots (see
+            [`RARModel.forward`]), later steps the newest token (the whole sequence with `use_cache=False`).
+            `max_new_tokens < image_seq_len` returns the first tokens of the image (raster order only); more than
+            `image_seq_len` is an error. Beam search runs without guidance only; `assistant_model` and
+            `prompt_lookup_num_tokens` are not supported.
         """
         if input_ids is None:
             if class_labels is None:
@@ -663,6 +770,7 @@ class RARForImageGeneration(RARPreTrainedModel, GenerationMixin):
             processors.append(RARClassifierFreeGuidanceLogitsProcessor(scales, prompt_length=1))
         if logits_processor is not None:
             processors.extend(logits_processor)
+        kwargs = self._check_generation_request(kwargs, guidance, orders)
         sampler = None
         if generator is not None and sampling["do_sample"]:
             # transformers samples from the global RNG: draw in a processor instead, and let greedy read the draw.
@@ -719,19 +827,3 @@ class RARForImageGeneration(RARPreTrainedModel, GenerationMixin):
         model.target_aware_position_embedding = None
         self.config.target_aware_position_embedding_folded = True
         return self
-
-    @classmethod
-    def from_official_checkpoint(cls, checkpoint, **config_overrides) -> "RARForImageGeneration":
-        """Build a model from an official RAR generator state dict (`rar_b.bin`, ...) or a path to one.
-
-        The whole config is inferred from the tensor shapes; keyword arguments override config fields (e.g. sampling
-        settings). Missing, unexpected or mis-shaped keys raise a `ValueError` that lists them.
-        """
-        from .convert import load_official_state_dict, convert_rar_state_dict
-
-        state_dict = load_official_state_dict(checkpoint) if isinstance(checkpoint, (str, Path)) else checkpoint
-        config_kwargs, converted = convert_rar_state_dict(state_dict)
-        config = RARConfig(**{**config_kwargs, **config_overrides})
-        model = cls(config)
-        model.load_state_dict(converted, strict=True)
-        return model.eval()

@@ -1,0 +1,320 @@
+"""The contracts every transformers model keeps (outputs, deprecations, loss, generation dicts, compilation), on RAR."""
+
+import ast
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._dynamo.testing import CompileCounter
+from torch._dynamo.utils import counters
+from transformers import CompileConfig
+from transformers.cache_utils import DynamicCache
+
+from rar_hf import RARConfig, RARForImageGeneration, RARModel
+
+from test_modeling_rar import tiny_config, tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+L, V = 16, 16  # image tokens and codebook of tiny_config()
+
+
+def token_ids(model, labels=(1, 2), length=5):
+    return torch.cat([model.prepare_class_ids(list(labels)), torch.randint(0, V, (len(labels), length))], 1)
+
+
+# ------------------------------------------------------------------------------------------------ forward outputs
+@pytest.mark.parametrize("where", ["argument", "config"])
+def test_return_dict_false_returns_tuples(where):
+    model = tiny_model()
+    ids = token_ids(model)
+    labels = ids.clone()
+    labels[:, 0] = -100
+    expected = model(input_ids=ids, labels=labels, use_cache=False)
+    kwargs = {"return_dict": False} if where == "argument" else {}
+    if where == "config":
+        model.config.return_dict = False
+    with torch.no_grad():
+        full = model(input_ids=ids, labels=labels, use_cache=False, **kwargs)
+        base = model.model(input_ids=ids, use_cache=False, **kwargs)
+    assert type(full) is tuple and type(base) is tuple
+    loss, logits = full
+    torch.testing.assert_close(loss, expected.loss)
+    torch.testing.assert_close(logits, expected.logits)
+    assert len(base) == 1 and base[0].shape == (2, ids.shape[1], 32)
+    # generate() still gets its dict outputs.
+    out = model.generate(class_labels=[1], guidance_scale=1.0, max_new_tokens=3, return_dict_in_generate=True)
+    assert out.sequences.shape == (1, 4)
+
+
+@pytest.mark.parametrize("where", ["argument", "config"])
+def test_hidden_states_and_attentions(where):
+    model = tiny_model()
+    model.set_attn_implementation("eager")
+    ids = token_ids(model)
+    if where == "argument":
+        kwargs = dict(output_hidden_states=True, output_attentions=True)
+    else:
+        model.config.output_hidden_states = True
+        model.config.output_attentions = True
+        kwargs = {}
+    with torch.no_grad():
+        out = model(input_ids=ids, **kwargs)
+    num_slots = 1 + ids.shape[1]  # the cls slot is counted on a call that starts a sequence
+    assert len(out.hidden_states) == model.config.num_hidden_layers + 1
+    assert all(h.shape == (2, num_slots, 32) for h in out.hidden_states)
+    # hidden_states[0] are the embeddings: the cls slot first, then the condition with its target-aware term.
+    inner = model.model
+    cls = inner.cls_token[0, 0] + inner.position_embedding[0]
+    torch.testing.assert_close(out.hidden_states[0][:, 0], cls.expand(2, -1))
+    # each layer's output is the next layer's input
+    condition = inner.embed_tokens(ids[:, 0])[:, None] + inner.condition_position_embedding[:num_slots]
+    mask = torch.full((num_slots, num_slots), float("-inf")).triu(1)[None, None]
+    with torch.no_grad():
+        layer_out = inner.layers[0](out.hidden_states[0], condition, attention_mask=mask)
+    torch.testing.assert_close(layer_out, out.hidden_states[1])
+    assert len(out.attentions) == model.config.num_hidden_layers
+    for attention in out.attentions:
+        assert attention.shape == (2, 4, num_slots, num_slots)
+        torch.testing.assert_close(attention.sum(-1), torch.ones(2, 4, num_slots))
+        assert attention.triu(1).abs().max() == 0  # causal
+    # A continuing (cached) call counts only the slots it runs.
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=ids[:, :3], cache=cache, use_cache=True)
+        step = model(input_ids=ids[:, 3:4], condition_ids=ids[:, 0], cache=cache, use_cache=True, **kwargs)
+    assert step.hidden_states[0].shape == (2, 1, 32) and step.attentions[0].shape == (2, 4, 1, 5)
+
+
+def test_sdpa_attentions_behave_as_transformers_models():
+    # sdpa computes no weights: transformers' models warn and return an empty tuple; so does RAR.
+    model = tiny_model()
+    assert model.config._attn_implementation == "sdpa"
+    with torch.no_grad():
+        out = model(input_ids=token_ids(model), output_attentions=True, output_hidden_states=True)
+    assert out.attentions == () and len(out.hidden_states) == 3
+
+
+def test_past_key_values_is_the_deprecated_name_of_cache():
+    model = tiny_model()
+    ids = token_ids(model)
+    with torch.no_grad():
+        for forward in (model, model.model):
+            expected_cache = DynamicCache(config=model.config)
+            forward(input_ids=ids[:, :3], cache=expected_cache, use_cache=True)
+            expected = forward(input_ids=ids[:, 3:], condition_ids=ids[:, 0], cache=expected_cache, use_cache=True)
+            cache = DynamicCache(config=model.config)
+            with pytest.warns(FutureWarning, match="`past_key_values` is deprecated .* Use `cache` instead"):
+                forward(input_ids=ids[:, :3], past_key_values=cache, use_cache=True)
+            assert cache.get_seq_length() == 4  # cls, condition, 2 tokens: the cache was used
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                out = forward(input_ids=ids[:, 3:], condition_ids=ids[:, 0], past_key_values=cache, use_cache=True)
+            first = out.logits if forward is model else out.last_hidden_state
+            reference = expected.logits if forward is model else expected.last_hidden_state
+            torch.testing.assert_close(first, reference)
+
+
+# ----------------------------------------------------------------------------------------------------------- loss
+def test_loss_follows_the_causal_lm_contract():
+    model = tiny_model()
+    ids = token_ids(model, labels=(1, 2, 3, 4), length=L)
+    labels = ids.clone()
+    labels[:, 0] = -100
+    labels[0, 5:9] = -100  # a few ignored tokens make the micro-batches' token counts differ
+    logits = model(input_ids=ids).logits
+    per_token = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), reduction="none")
+    expected = per_token.sum() / (labels[:, 1:] != -100).sum()
+    torch.testing.assert_close(model(input_ids=ids, labels=labels).loss, expected)
+    # shift_labels: already aligned with the logits (here: shifted by hand and padded), the same loss.
+    shift_labels = F.pad(labels[:, 1:], (0, 1), value=-100)
+    torch.testing.assert_close(model(input_ids=ids, shift_labels=shift_labels).loss, expected)
+    # num_items_in_batch: micro-batches of unequal token counts sum to the loss of the whole batch.
+    num_items = (labels[:, 1:] != -100).sum()
+    accumulated = sum(
+        model(input_ids=ids[rows], labels=labels[rows], num_items_in_batch=num_items).loss for rows in (slice(0, 1), slice(1, 4))
+    )
+    torch.testing.assert_close(accumulated, expected)
+
+
+# ------------------------------------------------------------------------------------------------------ generation
+def test_prepare_inputs_for_generation_passes_on_what_it_does_not_consume():
+    model = tiny_model()
+    ids = token_ids(model, length=3)
+    cache = DynamicCache(config=model.config)
+    inputs = model.prepare_inputs_for_generation(
+        ids, cache=cache, output_attentions=True, output_hidden_states=True, my_flag=7, next_sequence_length=1, labels=ids
+    )
+    assert inputs["output_attentions"] and inputs["output_hidden_states"] and inputs["my_flag"] == 7
+    assert "labels" not in inputs and "next_sequence_length" not in inputs
+    # Inputs are fresh contiguous tensors, not views of the growing sequence (strides fixed for compiled forwards).
+    assert inputs["input_ids"].is_contiguous() and inputs["input_ids"].shape == (2, 1)
+    assert inputs["condition_ids"].stride() == (1,) and inputs["condition_ids"].data_ptr() != ids.data_ptr()
+
+
+def _teacher_forced_log_probs(model, sequences):
+    with torch.no_grad():
+        logits = model(input_ids=sequences[:, :-1], use_cache=False).logits
+    return logits.log_softmax(-1).gather(-1, sequences[:, 1:, None])[..., 0]
+
+
+@pytest.mark.parametrize("cache", ["static", "dynamic", "no-cache"])
+@pytest.mark.parametrize("guidance_scale", [1.0, 3.0], ids=["no-guidance", "guidance"])
+@pytest.mark.parametrize("do_sample", [False, True], ids=["greedy", "sample"])
+def test_generate_dict_outputs(cache, guidance_scale, do_sample):
+    model = tiny_model()
+    model.set_attn_implementation("eager")
+    batch, layers, steps = 2, model.config.num_hidden_layers, 6
+    rows = batch * (2 if guidance_scale != 1.0 else 1)  # the model runs [conditional; null] with guidance
+    cache_kwargs = {"no-cache": {"use_cache": False}, "dynamic": {"cache_implementation": "dynamic"}}.get(cache, {})
+    out = model.generate(
+        class_labels=[1, 2],
+        guidance_scale=guidance_scale,
+        do_sample=do_sample,
+        max_new_tokens=steps,
+        return_dict_in_generate=True,
+        output_scores=True,
+        output_logits=True,
+        output_hidden_states=True,
+        output_attentions=True,
+        **cache_kwargs,
+    )
+    assert out.sequences.shape == (batch, 1 + steps)
+    for name in ("scores", "logits", "hidden_states", "attentions"):
+        assert len(getattr(out, name)) == steps, name
+    for step in range(steps):
+        # the slots this step ran: cls + condition at first, then the newest token (the whole sequence without cache)
+        new = 2 + step if cache == "no-cache" else (2 if step == 0 else 1)
+        kv = 2 + step
+        assert out.scores[step].shape == (batch, V) and out.logits[step].shape == (rows, V)
+        assert len(out.hidden_states[step]) == layers + 1 and len(out.attentions[step]) == layers
+        assert all(h.shape == (rows, new, 32) for h in out.hidden_states[step])
+        assert all(a.shape == (rows, 4, new, kv) for a in out.attentions[step])
+    if not do_sample:
+        assert torch.equal(out.sequences[:, 1:], torch.stack(out.scores, 1).argmax(-1))
+    if guidance_scale == 1.0:
+        # unguided scores are the model's own log-probabilities of the sequence, up to a per-row constant
+        teacher = _teacher_forced_log_probs(model, out.sequences)
+        drawn = torch.stack(out.scores, 1).log_softmax(-1).gather(-1, out.sequences[:, 1:, None])[..., 0]
+        torch.testing.assert_close(drawn, teacher, atol=1e-5, rtol=0)
+
+
+def test_beam_search_without_guidance_and_a_clear_error_with_it():
+    model = tiny_model()
+    out = model.generate(
+        class_labels=[1, 2],
+        guidance_scale=1.0,
+        num_beams=3,
+        num_return_sequences=2,
+        do_sample=False,
+        length_penalty=0.0,
+        return_dict_in_generate=True,
+        output_scores=True,
+    )
+    assert out.sequences.shape == (4, 1 + L)
+    # with length_penalty=0 a beam's score is the sum of its tokens' log-probabilities under the model
+    teacher = _teacher_forced_log_probs(model, out.sequences).sum(-1)
+    torch.testing.assert_close(out.sequences_scores, teacher, atol=1e-4, rtol=0)
+    greedy = model.generate(class_labels=[1, 2], guidance_scale=1.0, do_sample=False)
+    assert (out.sequences_scores[::2] >= _teacher_forced_log_probs(model, greedy).sum(-1) - 1e-4).all()
+    with pytest.raises(ValueError, match="Beam search .* cannot run with classifier-free guidance"):
+        model.generate(class_labels=[1], guidance_scale=2.0, num_beams=2, do_sample=False)
+
+
+def test_token_counts_beyond_the_image_are_rejected_and_fewer_give_partial_sequences(monkeypatch):
+    model = tiny_model()
+    calls = []
+    monkeypatch.setattr(RARModel, "forward", lambda *a, **k: calls.append(1))
+    for kwargs in ({"max_new_tokens": L + 1}, {"min_new_tokens": L + 4}, {"max_length": L + 2}):
+        name = next(iter(kwargs)).replace("length", "new_tokens")
+        with pytest.raises(ValueError, match=f"{name}={L + 1 if 'max' in name else L + 4} .* image_seq_len={L}"):
+            model.generate(class_labels=[1], **kwargs)
+    assert not calls  # rejected before any compute
+    monkeypatch.undo()
+    torch.manual_seed(0)
+    full = model.generate(class_labels=[1, 2], guidance_scale=2.0, do_sample=False)
+    partial = model.generate(class_labels=[1, 2], guidance_scale=2.0, do_sample=False, max_new_tokens=5)
+    assert torch.equal(partial, full[:, :6])
+    with pytest.raises(ValueError, match="only returned in raster order"):
+        model.generate(class_labels=[1], max_new_tokens=5, orders="random")
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"prompt_lookup_num_tokens": 3}, "prompt_lookup_num_tokens.*no text to look up"),
+        ({"assistant_model": "self"}, "assistant_model.*not supported"),
+    ],
+)
+def test_decoding_strategies_that_do_not_apply_get_clear_errors(kwargs, message):
+    model = tiny_model()
+    kwargs = {k: (model if v == "self" else v) for k, v in kwargs.items()}
+    with pytest.raises(ValueError, match=message):
+        model.generate(class_labels=[1, 2], **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------- config, vocabulary
+def test_vocabulary_cannot_be_resized_and_use_cache_is_kept(tmp_path):
+    model = tiny_model()
+    with pytest.raises(ValueError, match="vocabulary cannot be resized: its ids are the image tokenizer's codebook"):
+        model.resize_token_embeddings(100)
+    config = tiny_config(use_cache=False)
+    assert config.use_cache is False
+    config.save_pretrained(tmp_path)
+    assert RARConfig.from_pretrained(tmp_path).use_cache is False
+    # the config's use_cache is the forward's default, as in transformers' models
+    model = RARForImageGeneration(config).eval()
+    with torch.no_grad():
+        assert model(input_ids=token_ids(model)).cache is None
+        assert isinstance(model(input_ids=token_ids(model), use_cache=True).cache, DynamicCache)
+
+
+# -------------------------------------------------------------------------------------------------- torch.compile
+@pytest.mark.parametrize("guidance_scale", [1.0, 3.0], ids=["no-guidance", "guidance"])
+def test_compiled_decoding_never_recompiles(guidance_scale):
+    model = tiny_model()
+    kwargs = dict(class_labels=[1, 2], guidance_scale=guidance_scale, do_sample=False, cache_implementation="static")
+    eager = model.generate(**kwargs, disable_compile=True)
+
+    # transformers' automatic path: prefill eager, every decoding step through one compiled graph.
+    compile_config = CompileConfig(fullgraph=True, backend="eager", mode=None)
+    compile_config._compile_all_devices = True  # CPU: the automatic compilation is opt-in there
+    torch._dynamo.reset()
+    counters.clear()
+    assert torch.equal(model.generate(**kwargs, compile_config=compile_config), eager)
+    assert counters["stats"]["unique_graphs"] == 1  # L - 1 decoding steps, one graph, no recompilation
+
+    # the whole forward compiled by the user: one graph for the prefill, one for the decoding steps.
+    counter = CompileCounter()
+    torch._dynamo.reset()
+    model.forward = torch.compile(model.forward, fullgraph=True, backend=counter)
+    assert torch.equal(model.generate(**kwargs), eager)
+    assert counter.frame_count == 2
+    torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------------------------------------------------- layout
+def test_package_has_no_import_cycles():
+    package = Path(__file__).resolve().parents[1] / "src" / "rar_hf"
+    graph = {}
+    for path in package.rglob("*.py"):
+        module = ".".join(path.relative_to(package.parent).with_suffix("").parts).removesuffix(".__init__")
+        imports = set()
+        for node in ast.walk(ast.parse(path.read_text())):  # every import, also those inside functions
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = module.split(".")[: len(module.split(".")) - node.level + (path.name == "__init__.py")]
+                target = ".".join(base + ([node.module] if node.module else []))
+                imports.add(target)
+        graph[module] = {target for target in imports if target != "rar_hf"}
+
+    def visit(module, stack):
+        if module in stack:
+            raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(module) :] + [module]))
+        for target in graph.get(module, ()):
+            visit(target, stack + [module])
+
+    for module in graph:
+        visit(module, [])
+    assert "rar_hf.convert" in graph and "rar_hf.modeling_rar" in graph["rar_hf.convert"]
