@@ -1,3 +1,6 @@
+import math
+
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -6,7 +9,7 @@ from transformers.cache_utils import DynamicCache, StaticCache
 
 from rar_hf import RARConfig, RARForImageGeneration, guidance_scales
 from rar_hf.convert import rar_from_official_checkpoint
-from rar_hf.generation_rar import RARClassifierFreeGuidanceLogitsProcessor
+from rar_hf.generation_rar import NonFiniteLogitsError, RARClassifierFreeGuidanceLogitsProcessor, RARFiniteLogitsCheck
 
 
 
@@ -234,6 +237,123 @@ def test_fold_target_aware_position_embedding_keeps_raster_logits(tmp_path):
     assert reloaded.config.target_aware_position_embedding_folded
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, before, atol=1e-5, rtol=0)
+
+
+# -------------------------------------------------------------------------------------- generate(): arguments
+def seeded(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(), dict(orders="random"), dict(orders="random", do_sample=False), dict(top_k=5, top_p=0.9, temperature=0.8)],
+    ids=["sampling", "random-orders", "random-orders-greedy", "warpers"],
+)
+def test_generator_controls_every_random_draw(options):
+    model = tiny_model()
+    kwargs = dict(class_labels=[1, 7, None], guidance_scale=3.0, guidance_scale_pow=1.0, **options)
+    torch.manual_seed(1)
+    first = model.generate(generator=seeded(0), **kwargs)
+    torch.manual_seed(2)  # whatever the global RNG does in between
+    torch.rand(1000)
+    again = model.generate(generator=seeded(0), **kwargs)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, model.generate(generator=seeded(1), **kwargs))
+
+
+def test_generator_list_makes_each_row_independent_of_the_batch():
+    model = tiny_model()
+    kwargs = dict(guidance_scale=2.0, guidance_scale_pow=1.0, orders="random")
+    batch = model.generate(class_labels=[1, 7, 3], generator=[seeded(10), seeded(11), seeded(12)], **kwargs)
+    alone = model.generate(class_labels=[7], generator=[seeded(11)], **kwargs)
+    assert torch.equal(batch[1:2], alone)
+
+
+def test_seeded_scores_are_the_distributions_drawn_from():
+    model = tiny_model()
+    out = model.generate(class_labels=[3, 4], guidance_scale=1.0, top_k=2, generator=seeded(0),
+                         return_dict_in_generate=True, output_scores=True)  # fmt: skip
+    assert len(out.scores) == 16
+    for step, scores in enumerate(out.scores):  # two finite scores (top_k=2), not a one-hot row
+        assert torch.isfinite(scores).sum(-1).eq(2).all()
+        assert torch.isfinite(scores.gather(1, out.sequences[:, 1 + step, None])).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(guidance_scale=float("nan")), ValueError, "guidance_scale must be a finite number >= 0, got nan"),
+        (dict(guidance_scale=math.inf), ValueError, "guidance_scale must be a finite number"),
+        (dict(guidance_scale=-1.0), ValueError, "guidance_scale must be a finite number >= 0, got -1.0"),
+        (dict(guidance_scale="3"), TypeError, "guidance_scale must be a number"),
+        (dict(guidance_scale_pow=float("nan")), ValueError, "guidance_scale_pow must be a finite number"),
+        (dict(guidance_scale_pow=-0.5), ValueError, "guidance_scale_pow must be a finite number >= 0"),
+        (dict(temperature=0.0), ValueError, "temperature must be a finite number > 0"),
+        (dict(temperature=float("nan")), ValueError, "temperature must be a finite number > 0"),
+        (dict(temperature=-1.0), ValueError, "temperature must be a finite number > 0"),
+        (dict(top_p=0.0), ValueError, r"top_p must be in \(0, 1\], got 0.0"),
+        (dict(top_p=1.5), ValueError, r"top_p must be in \(0, 1\]"),
+        (dict(top_p=float("nan")), ValueError, r"top_p must be in \(0, 1\]"),
+        (dict(top_k=-1), ValueError, "top_k must be a finite number >= 0, got -1"),
+        (dict(generator=123), TypeError, "generator must be a torch.Generator or a list of them"),
+        (dict(generator=[seeded(0)]), ValueError, "1 generators for a batch of 2"),
+        (dict(guidance_scale=1.0, guidance_schedule="cosine"), ValueError, "Unknown guidance schedule 'cosine'"),
+    ],
+)
+def test_bad_sampling_arguments_fail_clearly(kwargs, error, message):
+    model = tiny_model()
+    with pytest.raises(error, match=message):
+        model.generate(class_labels=[1, 2], **kwargs)
+
+
+def test_non_finite_logits_raise_an_error_naming_the_cause():
+    model = tiny_model()
+    with torch.no_grad():
+        model.lm_head.bias[3] = float("nan")  # e.g. a corrupted checkpoint
+    for options in (dict(), dict(generator=seeded(0)), dict(do_sample=False), dict(guidance_scale=1.0)):
+        with pytest.raises(NonFiniteLogitsError, match=r"non-finite logits.*image token 0.*weights.*float16"):
+            model.generate(class_labels=[1, 2], guidance_scale_pow=1.0, **{"guidance_scale": 3.0, **options})
+    # On an accelerator the check only folds a device flag per step and raises once, after the loop.
+    check = RARFiniteLogitsCheck(defer=True)
+    scores = torch.zeros(2, 4)
+    check(None, scores)
+    check.raise_if_non_finite()
+    scores[1, 2] = float("inf")
+    assert check(None, scores) is scores
+    check(None, torch.zeros(2, 4))
+    with pytest.raises(NonFiniteLogitsError, match="dtype"):
+        check.raise_if_non_finite()
+
+
+def test_numpy_integers_are_class_labels():
+    model = tiny_model()
+    expected = model.prepare_class_ids([3, None, 0])
+    assert torch.equal(model.prepare_class_ids([np.int64(3), np.int32(-1), np.uint8(0)]), expected)
+    assert torch.equal(model.prepare_class_ids(np.array([3, -1, 0])), expected)
+    assert torch.equal(model.prepare_class_ids(np.int64(3)), expected[:1])
+    with pytest.raises(ValueError, match=r"Class label 10 is out of range"):
+        model.prepare_class_ids([np.int64(10)])
+    tokens = model.generate(class_labels=np.array([3, 5]), generator=seeded(0))
+    assert torch.equal(tokens, model.generate(class_labels=[3, 5], generator=seeded(0)))
+
+
+def test_from_pretrained_refuses_weights_that_do_not_match_the_config(tmp_path):
+    import json
+
+    tiny_model().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["num_hidden_layers"] = 3
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"missing keys: 18 \(model\.layers\.2\..*unexpected keys: none"):
+        RARForImageGeneration.from_pretrained(tmp_path)
+    config["num_hidden_layers"] = 1
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"missing keys: none; unexpected keys: 18 \(model\.layers\.1\."):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+    config["num_hidden_layers"] = 2
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    model, info = RARForImageGeneration.from_pretrained(tmp_path, output_loading_info=True)
+    assert isinstance(model, RARForImageGeneration) and not info["missing_keys"] and not info["unexpected_keys"]
 
 
 # ------------------------------------------------------------------------------------------------ training

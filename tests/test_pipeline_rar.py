@@ -180,6 +180,56 @@ def test_invalid_inputs_fail_before_sampling(pipe, kwargs, message):
         pipe(**kwargs)
 
 
+def test_pipeline_and_model_share_one_seeded_mechanism(pipe):
+    kwargs = dict(guidance_scale=2.0, guidance_scale_pow=1.0, temperature=0.9, top_p=0.9, orders="random")
+    tokens = pipe([0, 2], generator=seeded(8), output_type="tokens", **kwargs).tokens
+    sequences = pipe.transformer.generate(class_labels=[0, 2], generator=seeded(8), **kwargs)
+    assert torch.equal(tokens, sequences[:, 1:])
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(guidance_scale=float("nan")), ValueError, "guidance_scale must be a finite number >= 0, got nan"),
+        (dict(guidance_scale=-2.0), ValueError, "guidance_scale must be a finite number >= 0"),
+        (dict(guidance_scale_pow=-1.0), ValueError, "guidance_scale_pow must be a finite number >= 0"),
+        (dict(temperature=0), ValueError, "temperature must be a finite number > 0, got 0"),
+        (dict(top_p=2.0), ValueError, r"top_p must be in \(0, 1\]"),
+        (dict(top_k=-3), ValueError, "top_k must be a finite number >= 0"),
+        (dict(generator=123), TypeError, "generator must be a torch.Generator"),
+        (dict(guidance_scale=1.0, guidance_schedule="cosine"), ValueError, "Unknown guidance schedule 'cosine'"),
+    ],
+)
+def test_bad_sampling_arguments_fail_before_sampling(pipe, kwargs, error, message):
+    def never(*args):
+        raise AssertionError("sampling started")
+
+    with pytest.raises(error, match=message):
+        pipe([0, 1], callback_on_step_end=never, **kwargs)
+
+
+def test_non_finite_logits_raise_instead_of_yielding_token_zero():
+    pipe = tiny_pipeline()
+    with torch.no_grad():
+        pipe.transformer.lm_head.weight[5, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite logits.*weights"):
+        pipe([0, 1], generator=seeded(0), output_type="tokens")
+
+
+def test_numpy_labels(pipe):
+    import numpy as np
+
+    expected = pipe([2, 0], generator=seeded(1), output_type="tokens").tokens
+    assert torch.equal(pipe(np.array([2, 0]), generator=seeded(1), output_type="tokens").tokens, expected)
+    assert torch.equal(pipe([np.int64(2), np.int32(0)], generator=seeded(1), output_type="tokens").tokens, expected)
+
+
+def test_mismatched_codebooks_fail_at_construction(pipe):
+    vqvae = MaskGITVQModel(hidden_channels=32, channel_mult=(1, 2), codebook_size=32, latent_channels=8, sample_size=8)
+    with pytest.raises(ValueError, match="codebook of 16 entries but the vqvae's codebook has 32"):
+        RARPipeline(transformer=pipe.transformer, vqvae=vqvae)
+
+
 # ------------------------------------------------------------------------------------------------ step callback
 def greedy_continuation(pipe, class_ids, tokens):
     """Teacher-forced argmax of every position given the tokens before it (raster order, no guidance)."""
@@ -350,6 +400,19 @@ def test_save_load_round_trip(saved_pipeline):
     actual = loaded(["one"], generator=seeded(7), output_type="pt")
     assert torch.equal(actual.tokens, expected.tokens)
     torch.testing.assert_close(actual.images, expected.images)
+
+
+@pytest.mark.parametrize("num_hidden_layers, problem", [(3, r"missing keys: 18 \(model\.layers\.2\."),
+                                                         (1, r"unexpected keys: 18 \(model\.layers\.1\.")])
+def test_a_config_that_disagrees_with_the_weights_fails_to_load(saved_pipeline, tmp_path, num_hidden_layers, problem):
+    import shutil
+
+    _, folder = saved_pipeline
+    copy = shutil.copytree(folder, tmp_path / "pipe")
+    config_file = copy / "transformer" / "config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "num_hidden_layers": num_hidden_layers}))
+    with pytest.raises(ValueError, match=problem):
+        RARPipeline.from_pretrained(copy)
 
 
 def test_generic_diffusion_pipeline_loading(saved_pipeline, tmp_path, monkeypatch):

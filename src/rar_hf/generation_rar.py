@@ -117,9 +117,9 @@ def check_sampling_arguments(
             bound = f"> {minimum}" if strict else f">= {minimum}"
             raise ValueError(f"{name} must be a finite number {bound}, got {value!r}.")
 
-    number("guidance_scale", guidance_scale, 0.0)
-    number("guidance_scale_pow", guidance_scale_pow, 0.0)
-    number("temperature", temperature, 0.0, strict=True)
+    number("guidance_scale", guidance_scale, 0)
+    number("guidance_scale_pow", guidance_scale_pow, 0)
+    number("temperature", temperature, 0, strict=True)
     number("top_k", top_k, 0, integer=True)
     if top_p is not None:
         if not _is_real(top_p):
@@ -237,14 +237,20 @@ class RARFiniteLogitsCheck(LogitsProcessor):
 
     It runs first, on the model's raw logits. On a CPU it raises at the first bad step. On an accelerator it only
     folds a flag on the device (no host synchronisation per step); call [`raise_if_non_finite`] after generation.
+
+    Args:
+        defer (`bool`, *optional*): force the deferred (`True`) or the immediate (`False`) check; by default
+            immediate on a CPU only.
     """
 
-    def __init__(self):
+    def __init__(self, defer: bool | None = None):
+        self.defer = defer
         self.non_finite = None
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         bad = ~torch.isfinite(scores).all()
-        if scores.device.type == "cpu":
+        defer = scores.device.type != "cpu" if self.defer is None else self.defer
+        if not defer:
             if bad:
                 step = input_ids.shape[1] - 1
                 raise NonFiniteLogitsError(NON_FINITE_LOGITS_MESSAGE.format(where=f" (image token {step})"))

@@ -1,5 +1,6 @@
 """RAR: a decoder-only transformer with AdaLN blocks and target-aware position embeddings (arXiv 2411.00776)."""
 
+import numbers
 from collections.abc import Callable
 
 import torch
@@ -391,6 +392,35 @@ class RARForImageGeneration(RARPreTrainedModel, GenerationMixin):
         )
         self.post_init()
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        r"""
+        [`~transformers.PreTrainedModel.from_pretrained`], but weights that do not match the config are an error:
+        missing keys (transformers would initialise them randomly) or unexpected keys (it would drop them), e.g. a
+        `config.json` that declares more or fewer layers than the weights hold. Also through `RARPipeline`.
+
+        Raises:
+            ValueError: listing the missing and unexpected keys.
+        """
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(
+            pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+        )
+        missing, unexpected = sorted(info.get("missing_keys") or ()), sorted(info.get("unexpected_keys") or ())
+        if missing or unexpected:
+
+            def listed(keys):
+                shown = ", ".join(keys[:12])
+                return f"{len(keys)} ({shown}{', ...' if len(keys) > 12 else ''})" if keys else "none"
+
+            config = model.config
+            raise ValueError(
+                f"The weights of {pretrained_model_name_or_path} do not match its config (num_hidden_layers="
+                f"{config.num_hidden_layers}, hidden_size={config.hidden_size}): missing keys: {listed(missing)}; "
+                f"unexpected keys: {listed(unexpected)}. The config.json and the weights come from different models."
+            )
+        return (model, info) if output_loading_info else model
+
     def get_input_embeddings(self):
         return self.model.embed_tokens
 
@@ -407,18 +437,21 @@ class RARForImageGeneration(RARPreTrainedModel, GenerationMixin):
 
     # ----------------------------------------------------------------------------------------------- prompts, checks
     def prepare_class_ids(self, class_labels, device=None) -> torch.LongTensor:
-        """Turn class labels (ints; `None` or -1 for unconditional) into the `(B, 1)` prompt ids of `generate()`."""
+        """Turn class labels (ints, numpy or torch integers; `None` or -1 for unconditional) into the `(B, 1)` prompt
+        ids of `generate()`."""
         config = self.config
-        if isinstance(class_labels, int) or class_labels is None:
+        if isinstance(class_labels, numbers.Integral) or class_labels is None:
             class_labels = [class_labels]
-        if isinstance(class_labels, torch.Tensor):
-            class_labels = class_labels.flatten().tolist()
+        if isinstance(class_labels, torch.Tensor) or type(class_labels).__module__ == "numpy":
+            class_labels = class_labels.flatten().tolist() if class_labels.ndim else [class_labels.item()]
         ids = []
         for label in class_labels:
-            if label is None or label == -1:
+            if isinstance(label, numbers.Integral) and not isinstance(label, bool):
+                label = int(label)  # numpy integers compare and format like ints from here on
+            if label is None or (type(label) is int and label == -1):
                 ids.append(config.null_class_id)
                 continue
-            if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < config.num_classes:
+            if type(label) is not int or not 0 <= label < config.num_classes:
                 raise ValueError(
                     f"Class label {label!r} is out of range: expected an int in [0, {config.num_classes}) or None "
                     "for the unconditional (null) class."
@@ -758,7 +791,7 @@ class RARForImageGeneration(RARPreTrainedModel, GenerationMixin):
                 keep_scores=bool(sampling["output_scores"]),
             )  # fmt: skip
             processors.append(sampler)
-            kwargs.update(do_sample=False, temperature=1.0, top_k=0, top_p=1.0)
+            kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
         if step_callback is not None:
             kwargs["stopping_criteria"] = StoppingCriteriaList([*(kwargs.get("stopping_criteria") or []), step_callback])
         num_rows = batch_size * (2 if guidance else 1)

@@ -73,7 +73,9 @@ class RARPipeline(DiffusionPipeline):
 
     Parameters:
         transformer ([`RARForImageGeneration`]): the token generator.
-        vqvae ([`MaskGITVQModel`]): the tokenizer that decodes image tokens to pixels.
+        vqvae ([`MaskGITVQModel`]): the tokenizer that decodes image tokens to pixels; its codebook must be the
+            transformer's (checked here). Being fully convolutional, it decodes the transformer's token grid
+            (`transformer.config.latent_size`) whatever grid it was trained on.
         id2label (`dict[int, str]`, *optional*): class names, comma-separated synonyms allowed (ImageNet style).
             Defaults to the 1000 ImageNet names when the generator has 1000 classes, else to `{i: str(i)}`. Saved in
             `model_index.json` (which gives the keys back as strings; both are accepted).
@@ -107,6 +109,12 @@ class RARPipeline(DiffusionPipeline):
         id2label: dict[int, str] | dict[str, str] | None = None,
     ):
         super().__init__()
+        vqvae_codebook = getattr(getattr(vqvae, "config", None), "codebook_size", None)
+        if vqvae_codebook != transformer.config.codebook_size:
+            raise ValueError(
+                f"The transformer generates tokens of a codebook of {transformer.config.codebook_size} entries but the "
+                f"vqvae's codebook has {vqvae_codebook}: they come from different tokenizers."
+            )
         self.register_modules(transformer=transformer, vqvae=vqvae)
         num_classes = transformer.config.num_classes
         if id2label is None:
