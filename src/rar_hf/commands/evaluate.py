@@ -161,6 +161,8 @@ def main(args) -> dict:
     reference_shape, reference_batches = open_images(args.reference, args.batch_size)
     if min(sample_shape[0], reference_shape[0]) <= K_NEAREST:
         raise ValueError(f"precision/recall need more than {K_NEAREST} images in each of samples and reference")
+    reference_statistics = read_npz_statistics(args.reference) if Path(args.reference).suffix == ".npz" else None
+    model = load_inception(args).to(args.device)  # every input is checked before the first warning or result
     if sample_shape[1:] != reference_shape[1:]:
         print(f"warning: samples are {sample_shape[1:]}, reference images {reference_shape[1:]}", file=sys.stderr)
     if sample_shape[0] != PROTOCOL_NUM_SAMPLES:
@@ -169,9 +171,7 @@ def main(args) -> dict:
             "(FID is biased upwards for fewer)",
             file=sys.stderr,
         )
-    reference_statistics = read_npz_statistics(args.reference) if Path(args.reference).suffix == ".npz" else None
 
-    model = load_inception(args).to(args.device)
     reference = compute_activations(
         model, reference_batches, reference_shape[0], args.batch_size, args.device, "reference"
     )
