@@ -160,8 +160,10 @@ def write_model_card(
 
 
 def strip_local_paths(folder) -> None:
-    """Drop `_name_or_path` (a path on the machine that saved) from the component configs of a saved pipeline."""
-    for config_path in Path(folder).glob("*/config.json"):
+    """Drop `_name_or_path` (a path on the machine that saved) from the configs of a saved pipeline."""
+    for config_path in [Path(folder) / "model_index.json", *Path(folder).glob("*/config.json")]:
+        if not config_path.is_file():
+            continue
         config = json.loads(config_path.read_text(encoding="utf-8"))
         if any(key in config for key in _LOCAL_CONFIG_KEYS):
             for key in _LOCAL_CONFIG_KEYS:
