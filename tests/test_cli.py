@@ -84,7 +84,7 @@ def test_generate_writes_the_pipelines_images_for_the_seed(tmp_path, capsys):
     assert names == ["00_7_000.png", "00_7_001.png", "01_3_000.png", "01_3_001.png", "02_none_000.png", "02_none_001.png"]
     pipe = RARPipeline.from_pretrained(DEFAULT_MODEL)
     pipe.set_progress_bar_config(disable=True)
-    expected = pipe(["seven", 3, None], num_images_per_label=2, generator=torch.Generator().manual_seed(1)).images
+    expected = pipe(["seven", 3, None], num_images_per_prompt=2, generator=torch.Generator().manual_seed(1)).images
     for name, image in zip(names, expected):
         np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "pngs" / name)), np.asarray(image))
     grid = Image.open(tmp_path / "grid.png")

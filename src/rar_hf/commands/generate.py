@@ -44,7 +44,12 @@ def add_arguments(parser):
         "class if the model has at most 10, else a few.",
     )
     parser.add_argument(
-        "--num_images_per_label", type=positive_int, default=8, help="Images per class (one grid row each)."
+        "--num_images_per_prompt",
+        "--num_images_per_label",
+        dest="num_images_per_label",
+        type=positive_int,
+        default=8,
+        help="Images per class (one grid row each).",
     )
     parser.add_argument("--guidance_scale", type=finite_float, default=None, help="Guidance scale (default: the model's).")
     parser.add_argument(
@@ -149,7 +154,7 @@ def main(args):
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
     images = pipe(
         class_labels=class_ids,
-        num_images_per_label=args.num_images_per_label,
+        num_images_per_prompt=args.num_images_per_label,
         guidance_scale=args.guidance_scale,
         guidance_schedule=args.guidance_schedule,
         guidance_scale_pow=args.guidance_scale_pow,
