@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Pre-tokenise an image dataset with a MaskGIT-VQGAN tokenizer into parquet shards of `tokens` + `label`.
+r"""Pre-tokenise an image dataset with a MaskGIT-VQGAN tokenizer into parquet shards of `tokens` + `label`.
 
     accelerate launch examples/pretokenize.py --dataset_name ILSVRC/imagenet-1k --vqvae org/maskgit-vqgan \
         --output_dir imagenet-tokens --augmentation ten_crop --num_shards 256

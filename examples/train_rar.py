@@ -582,6 +582,9 @@ def main(args):
             from rar_hf.pipeline_rar import RARPipeline
 
             RARPipeline(transformer=final, vqvae=vqvae, id2label=pipeline_labels(final)).save_pretrained(output_dir)
+            from rar_hf.model_card import write_training_model_card
+
+            write_training_model_card(output_dir, final.config, args, global_step, accelerator.num_processes)
         finish_uploads(pending_uploads)
         if hub_repo is not None:
             from huggingface_hub import upload_folder

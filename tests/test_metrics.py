@@ -1,7 +1,6 @@
 """Tests of the ADM-protocol metrics: fid.py math and npz readers, the Inception port, the evaluate module, the CLI."""
 
 import contextlib
-import importlib.util
 import json
 import os
 import subprocess
@@ -310,9 +309,8 @@ def test_evaluate_module_loads_offline_and_matches_fid_py(monkeypatch):
 
 
 def _load_cli():
-    spec = importlib.util.spec_from_file_location("evaluate_fid", CLI_PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    from rar_hf.commands import evaluate as module
+
     return module
 
 

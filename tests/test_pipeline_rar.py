@@ -447,7 +447,8 @@ def test_example_script_writes_a_grid(saved_pipeline, tmp_path):
     assert result.stdout.strip().splitlines()[-1] == str(output)
     assert "16/16" in result.stderr  # the pipeline's progress bar is shown
     with Image.open(output) as grid:
-        assert grid.size == (2 * 8, 2 * 8)  # 2 images per label x 2 labels, 8x8 pixels each
+        # 2 labelled rows of 2 images, 8x8 pixels each upscaled to 64x64 cells, 4 px apart (issue 12 item 5).
+        assert grid.height == 2 * (64 + 4) + 4 and grid.width > 2 * (64 + 4) + 4
 
 
 # ------------------------------------------------------------------------------------------------ official layout

@@ -1,4 +1,5 @@
-"""examples/sample_imagenet.py: the ADM npz, settings, resume, and per-image seeds independent of batching."""
+"""`rar-hf sample` / examples/sample_imagenet.py: the ADM npz, settings, fingerprinted resume, and per-image seeds
+independent of batching."""
 
 import json
 import os
@@ -38,15 +39,21 @@ def pipeline_dir(tmp_path_factory):
     return path
 
 
-def run_sampler(model_dir, output_dir, *extra, num_processes=1):
+def run_sampler(model_dir, output_dir, *extra, num_processes=1, entry=(str(SCRIPT),), expect_error=False):
+    """Run the example script (or `-m rar_hf sample`) like `accelerate launch` does; return stdout (stderr on error)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), env.get("PYTHONPATH", "")])
     launcher = [sys.executable]
     if num_processes > 1:  # what `accelerate launch` does, on CPU (gloo)
         launcher = torchrun(num_processes)
         env["ACCELERATE_USE_CPU"] = "true"
-    command = [*launcher, str(SCRIPT), "--model", str(model_dir), "--output_dir", str(output_dir),
+    command = [*launcher, *entry, "--model", str(model_dir), "--output_dir", str(output_dir),
                "--num_images_per_class", str(PER_CLASS), "--seed", "3", *extra]
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    if expect_error:
+        assert result.returncode != 0, result.stdout
+        assert "Traceback" not in result.stderr, result.stderr
+        return result.stderr
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
 
@@ -112,7 +119,8 @@ def test_images_do_not_depend_on_batch_size_or_process_count(batch4_run, pipelin
 
 
 def test_class_subset(batch4_run, pipeline_dir, tmp_path):
-    run_sampler(pipeline_dir, tmp_path / "subset", "--class_labels", "2", "--batch_size", "2")
+    # Through the installed command (`python -m rar_hf` is what `accelerate launch -m rar_hf` runs).
+    run_sampler(pipeline_dir, tmp_path / "subset", "--class_labels", "2", "--batch_size", "2", entry=("-m", "rar_hf", "sample"))
     subset, full = read_images(tmp_path / "subset"), read_images(batch4_run[0])
     assert sorted(subset) == ["0002_000.png", "0002_001.png"]
     for name, image in subset.items():  # the same images as in the full run
@@ -121,3 +129,60 @@ def test_class_subset(batch4_run, pipeline_dir, tmp_path):
     assert settings["class_labels"] == [2] and settings["num_images"] == PER_CLASS
     with np.load(tmp_path / "subset" / "samples.npz") as npz:
         assert npz["arr_0"].shape == (PER_CLASS, 8, 8, 3)
+
+
+def _snapshot(output_dir):
+    return {p.relative_to(output_dir).as_posix(): p.stat().st_mtime_ns for p in sorted(output_dir.rglob("*"))}
+
+
+def test_rerun_with_other_settings_is_refused_naming_them(batch4_run, pipeline_dir):
+    output_dir, _ = batch4_run
+    before = _snapshot(output_dir)
+    # Images do not depend on the batch size: another batch size is the same run, resumed.
+    assert "6 of 6 images already exist, generating 0" in run_sampler(pipeline_dir, output_dir, "--batch_size", "3")
+    before = _snapshot(output_dir)
+    stderr = run_sampler(
+        pipeline_dir, output_dir, "--guidance_scale", "2.0", "--temperature", "0.9", "--class_labels", "0", "1",
+        expect_error=True,
+    )  # fmt: skip
+    # One error line (the loading progress bars aside), named for the script.
+    assert [line for line in stderr.splitlines() if "error" in line] == [stderr.strip().splitlines()[-1]], stderr
+    assert stderr.strip().splitlines()[-1].startswith("sample_imagenet.py: error: ")
+    assert "guidance_scale (3.0 there, 2.0 now)" in stderr and "temperature (1.0 there, 0.9 now)" in stderr
+    assert "class_labels (3 classes [0, 1, 2] there, 2 classes [0, 1] now)" in stderr
+    assert "seed" not in stderr.split("refusing")[1]  # only what differs is named
+    assert _snapshot(output_dir) == before, "a refused run must not touch the folder"
+
+
+def test_rerun_with_other_seed_count_or_weights_is_refused(batch4_run, pipeline_dir, tmp_path):
+    from rar_hf.commands import sample
+
+    output_dir, _ = batch4_run
+    before = _snapshot(output_dir)
+
+    def run(model, *extra):
+        args = ["--model", str(model), "--output_dir", str(output_dir), "--num_images_per_class", str(PER_CLASS)]
+        sample.main(sample.parse_args([*args, "--seed", "3", *extra]))
+
+    with pytest.raises(ValueError, match=r"seed \(3 there, 4 now\)"):
+        run(pipeline_dir, "--seed", "4")
+    with pytest.raises(ValueError, match=r"num_images_per_class \(2 there, 3 now\)"):
+        run(pipeline_dir, "--num_images_per_class", "3")
+    # Same config, one weight changed: another model under the same architecture.
+    pipe = RARPipeline.from_pretrained(pipeline_dir)
+    with torch.no_grad():
+        pipe.transformer.lm_head.weight[0, 0] += 1.0
+    pipe.save_pretrained(tmp_path / "other-weights")
+    with pytest.raises(ValueError, match="transformer weights differ") as error:
+        run(tmp_path / "other-weights")
+    assert "vqvae" not in str(error.value)
+    assert _snapshot(output_dir) == before
+
+
+def test_images_without_fingerprint_are_not_resumed(pipeline_dir, tmp_path):
+    from rar_hf.commands import sample
+
+    (tmp_path / "images").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "images" / "0000_000.png")
+    with pytest.raises(ValueError, match="holds sampled images but no sampling_fingerprint.json"):
+        sample.main(sample.parse_args(["--model", str(pipeline_dir), "--output_dir", str(tmp_path)]))

@@ -1,11 +1,13 @@
-"""Convert official RAR checkpoints (bytedance/1d-tokenizer) into Hugging Face folders.
+r"""Convert official RAR checkpoints (bytedance/1d-tokenizer) into Hugging Face folders.
 
-    python -m rar_hf.convert --generator rar_b.bin --output_dir rar-b
-    python -m rar_hf.convert --generator rar_xl.bin --tokenizer maskgit-vqgan-imagenet-f16-256.bin \
+    rar-hf convert --generator rar_b.bin --output_dir rar-b
+    rar-hf convert --generator rar_xl.bin --tokenizer maskgit-vqgan-imagenet-f16-256.bin \
         --output_dir rar-xl --push_to_hub org/rar-xl
 
 With `--generator` alone the output is a `RARForImageGeneration` folder; with `--tokenizer` too it is a complete
-`RARPipeline` folder (transformer/, vqvae/, model_index.json, ImageNet labels, sampling defaults and a model card).
+`RARPipeline` folder (transformer/, vqvae/, model_index.json, ImageNet labels, sampling defaults and a model card;
+a README.md of your own already in the folder is kept, only its metadata is completed). `python -m rar_hf.convert`
+is the same command.
 """
 
 import argparse
@@ -161,8 +163,7 @@ def rar_from_official_checkpoint(checkpoint, **config_overrides) -> RARForImageG
     return model.eval()
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(parser):
     parser.add_argument("--generator", required=True, help="Official RAR generator state dict (rar_b.bin, ...).")
     parser.add_argument(
         "--tokenizer", default=None, help="Official MaskGIT-VQGAN state dict; with it a full RARPipeline is written."
@@ -175,6 +176,11 @@ def parse_args(argv=None):
         action="store_true",
         help="Fold the target-aware table into the position table (raster-order inference only).",
     )
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -187,11 +193,14 @@ def push_folder_to_hub(folder, repo_id: str, private: bool = False, commit_messa
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    """Run the converter on command-line arguments (a list) or parsed ones (an `argparse.Namespace`)."""
+    args = argv if isinstance(argv, argparse.Namespace) else parse_args(argv)
+    output_dir = Path(args.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():  # save_pretrained would only log this and write nothing
+        raise FileExistsError(f"--output_dir {output_dir} is an existing file, expected a folder (new or existing)")
     transformer = rar_from_official_checkpoint(args.generator)
     if args.fold_target_aware_position_embedding:
         transformer.fold_target_aware_position_embedding()
-    output_dir = Path(args.output_dir)
     if args.tokenizer is None:
         transformer.save_pretrained(output_dir)
     else:
@@ -211,4 +220,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from .cli import run_script
+
+    run_script(sys.modules[__name__], prog="python -m rar_hf.convert")

@@ -1,17 +1,35 @@
-"""Hub model cards (README.md with YAML metadata) for RAR pipeline folders.
+"""Hub model cards (README.md with YAML metadata) for RAR pipeline folders, and what `RARPipeline.save_pretrained`
+does after diffusers has saved the components.
 
 The templates are package data in `rar_hf/model_cards/`: one per official size (`rar-b.md`, `rar-l.md`, `rar-xl.md`,
-`rar-xxl.md`, with the paper's FID/IS as `model-index` metadata) and `rar-generic.md` for every other model.
+`rar-xxl.md`, with the paper's FID/IS as `model-index` metadata) and `rar-generic.md` for every other model. Cards go
+through diffusers' model-card utilities (`load_or_create_model_card`, `populate_model_card`). A card that rar-hf wrote
+carries `GENERATED_MARKER` and is rewritten on every save; a README.md without it is the user's: its text is kept and
+only its metadata is completed.
 """
 
+import json
+import logging
+import os
+import re
+import shutil
 from importlib import resources
 from pathlib import Path
 from string import Template
 
 import torch
+from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
 from huggingface_hub import ModelCard
 
 from .configuration_rar import match_preset
+
+logger = logging.getLogger(__name__)
+
+GENERATED_MARKER = "<!-- rar-hf model card:"
+CARD_TAGS = ["image-generation", "autoregressive", "class-conditional", "rar", "rar-hf"]
+VALIDATION_GRID = "validation.png"
+# Written by from_pretrained into component configs: where the weights were loaded from on the machine that saved.
+_LOCAL_CONFIG_KEYS = ("_name_or_path",)
 
 
 def model_card_template_name(config, training=None) -> str:
@@ -44,7 +62,33 @@ def _training_markdown(training) -> str:
     return "\n".join(f"- **{key}**: {value}" for key, value in training.items())
 
 
-def write_model_card(output_dir, config, repo_id: str | None = None, training: dict | str | None = None) -> Path:
+def is_generated_card(path) -> bool:
+    """Whether the README.md at `path` is a card that rar-hf wrote (and may rewrite), not the user's own."""
+    return GENERATED_MARKER in Path(path).read_text(encoding="utf-8", errors="replace")
+
+
+def _complete_metadata(card: ModelCard, training=None, base_model: str | None = None) -> ModelCard:
+    data = card.data
+    if data.license is None:
+        data.license = "apache-2.0"
+    if data.pipeline_tag is None:
+        data.pipeline_tag = "unconditional-image-generation"
+    card = populate_model_card(card, tags=[tag for tag in CARD_TAGS if tag not in (data.tags or [])])
+    if isinstance(training, dict) and training.get("dataset"):
+        card.data.datasets = [training["dataset"]]
+    if base_model:
+        card.data.base_model = base_model
+    return card
+
+
+def write_model_card(
+    output_dir,
+    config,
+    repo_id: str | None = None,
+    training: dict | str | None = None,
+    base_model: str | None = None,
+    validation_grid=None,
+) -> Path:
     r"""
     Write `README.md` (Hub model card) into a pipeline folder.
 
@@ -57,6 +101,12 @@ def write_model_card(output_dir, config, repo_id: str | None = None, training: d
         training (`dict` or `str`, *optional*): how the model was trained (e.g. `{"dataset": "ylecun/mnist",
             "steps": 2000, "batch_size": 64}`), rendered in the "Training" section; a `"dataset"` entry also becomes
             the card's `datasets` metadata. Official checkpoints have none.
+        base_model (`str`, *optional*): the Hub id of the model this one was fine-tuned from (`base_model` metadata).
+        validation_grid (`str` or `os.PathLike`, *optional*): an image of samples, copied into the folder as
+            `validation.png` and shown in the "Training" section.
+
+    A `README.md` already in `output_dir` that rar-hf did not write is never replaced: its text is kept and only its
+    metadata (license, library, tags, datasets, base model) is completed.
 
     Returns:
         `Path` of the written `README.md`.
@@ -68,6 +118,18 @@ def write_model_card(output_dir, config, repo_id: str | None = None, training: d
     ```
     """
     output_dir = Path(output_dir)
+    path = output_dir / "README.md"
+    if path.is_file() and not is_generated_card(path):
+        card = _complete_metadata(load_or_create_model_card(str(path)), training, base_model)
+        card.save(path)
+        logger.warning("Kept the existing %s (it was not written by rar-hf); only its metadata was completed.", path)
+        return path
+    training_text = _training_markdown(training)
+    if validation_grid is not None:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if Path(validation_grid).resolve() != (output_dir / VALIDATION_GRID).resolve():
+            shutil.copyfile(validation_grid, output_dir / VALIDATION_GRID)
+        training_text += f"\n\nSamples at the end of training:\n\n![validation samples]({VALIDATION_GRID})"
     name = model_card_template_name(config, training)
     template = resources.files("rar_hf").joinpath("model_cards", f"{name}.md").read_text(encoding="utf-8")
     sampling = config.sampling_defaults
@@ -88,12 +150,93 @@ def write_model_card(output_dir, config, repo_id: str | None = None, training: d
         latent_height=height,
         latent_width=width,
         codebook_size=config.codebook_size,
-        training=_training_markdown(training),
+        training=training_text,
     )
     card = ModelCard(text)  # parses the YAML front matter: a broken template fails here, not on the Hub
-    if isinstance(training, dict) and training.get("dataset"):
-        card.data.datasets = [training["dataset"]]
-    path = output_dir / "README.md"
+    card = _complete_metadata(card, training, base_model)
     output_dir.mkdir(parents=True, exist_ok=True)
     card.save(path)
     return path
+
+
+def strip_local_paths(folder) -> None:
+    """Drop `_name_or_path` (a path on the machine that saved) from the configs of a saved pipeline."""
+    for config_path in [Path(folder) / "model_index.json", *Path(folder).glob("*/config.json")]:
+        if not config_path.is_file():
+            continue
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        if any(key in config for key in _LOCAL_CONFIG_KEYS):
+            for key in _LOCAL_CONFIG_KEYS:
+                config.pop(key, None)
+            config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def finish_saved_pipeline(
+    pipeline,
+    save_directory,
+    push_to_hub: bool = False,
+    repo_id: str | None = None,
+    token: str | None = None,
+    private: bool | None = None,
+    create_pr: bool = False,
+    commit_message: str | None = None,
+) -> None:
+    """What `RARPipeline.save_pretrained` adds to diffusers': no local paths in the configs, our model card, the push.
+
+    diffusers' own push would overwrite the card with a generic one, so the push happens here (same arguments).
+    """
+    save_directory = Path(save_directory)
+    strip_local_paths(save_directory)
+    if push_to_hub:
+        from huggingface_hub import create_repo
+
+        repo_id = create_repo(repo_id or save_directory.resolve().name, exist_ok=True, private=private, token=token).repo_id
+    write_model_card(save_directory, pipeline.transformer.config, repo_id=repo_id)
+    if push_to_hub:
+        pipeline._upload_folder(
+            str(save_directory), repo_id, token=token, commit_message=commit_message, create_pr=create_pr
+        )
+
+
+def _hub_id(value: str | None) -> str | None:
+    # Only Hub ids go into the metadata: a local folder or file pattern is a path on the training machine.
+    if value and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", value) and not os.path.exists(value):
+        return value
+    return None
+
+
+def write_training_model_card(output_dir, config, args, global_step: int, num_processes: int = 1) -> Path:
+    """The card at the end of examples/train_rar.py: data, steps, batch, annealing, final loss, the last sample grid."""
+    output_dir = Path(output_dir)
+    final_loss = None
+    metrics = output_dir / "metrics.jsonl"
+    if metrics.is_file():
+        lines = [line for line in metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if lines:
+            final_loss = json.loads(lines[-1]).get("loss")
+    dataset = args.dataset_name or args.pretokenized_dataset
+    batch = args.train_batch_size * args.gradient_accumulation_steps * num_processes
+    training = {
+        # A local folder is a path on the training machine, not a dataset anyone else can look up.
+        "dataset": _hub_id(dataset),
+        "data": f"pre-tokenised ({Path(dataset).name})" if args.pretokenized_dataset else Path(str(dataset)).name,
+        "steps": global_step,
+        "batch size": f"{batch} ({args.train_batch_size} per process x {args.gradient_accumulation_steps} "
+        f"accumulation steps x {num_processes} processes)",
+        "learning rate": f"{args.learning_rate} (warm-up {args.lr_warmup_steps} steps, {args.lr_scheduler})",
+        "random-order annealing": f"r = 1 until step {args.anneal_start}, then linearly to 0 at step "
+        f"{args.anneal_end} (final order: {args.scan_order})",
+        "final loss": f"{final_loss:.4f}" if final_loss is not None else "not logged",
+    }
+    training = {key: value for key, value in training.items() if value is not None}
+    grids = sorted((output_dir / "samples").glob("step-*.png"), key=lambda p: int(p.stem.split("-")[1]))
+    pretrained = getattr(args, "pretrained_model", None)
+    base_model = _hub_id(pretrained)
+    return write_model_card(
+        output_dir,
+        config,
+        repo_id=getattr(args, "hub_model_id", None),
+        training=training,
+        base_model=base_model,
+        validation_grid=grids[-1] if grids else None,
+    )

@@ -184,11 +184,15 @@ class RARPipeline(DiffusionPipeline):
             return int(label)
         raise TypeError(f"A class label must be a name (str), an id (int) or None, got {label!r}.")
 
-    def save_pretrained(self, save_directory, **kwargs):
-        # Written first so that `push_to_hub=True` uploads it too.
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
         Path(save_directory).mkdir(parents=True, exist_ok=True)
         Path(save_directory, f"{LOADER_MODULE_NAME}.py").write_text(_LOADER_MODULE, encoding="utf-8")
+        # rar_hf.model_card writes our model card and pushes: diffusers' push would replace the card by a generic one.
+        hub_kwargs = {k: kwargs.pop(k) for k in ("repo_id", "token", "private", "create_pr", "commit_message") if k in kwargs}
         super().save_pretrained(save_directory, **kwargs)
+        from .model_card import finish_saved_pipeline
+
+        finish_saved_pipeline(self, save_directory, push_to_hub=push_to_hub, **hub_kwargs)
 
     @property
     def interrupt(self) -> bool:

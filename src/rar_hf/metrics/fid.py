@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import zipfile
+import zlib
 from collections.abc import Iterator
 
 import numpy as np
@@ -174,7 +175,10 @@ def iter_npz_batches(path: str | os.PathLike, batch_size: int, key: str = "arr_0
         row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
         for start in range(0, shape[0], batch_size):
             rows = min(batch_size, shape[0] - start)
-            data = stream.read(rows * row_bytes)
+            try:
+                data = stream.read(rows * row_bytes)
+            except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as error:  # a bad CRC or compressed stream
+                raise ValueError(f"{path}: array {key!r} is corrupted at row {start} ({error})") from error
             if len(data) != rows * row_bytes:
                 raise ValueError(f"{path}: array {key!r} is truncated at row {start}")
             yield np.frombuffer(data, dtype=dtype).reshape(rows, *shape[1:])
@@ -182,13 +186,18 @@ def iter_npz_batches(path: str | os.PathLike, batch_size: int, key: str = "arr_0
 
 def read_npz_statistics(path: str | os.PathLike) -> dict[str, np.ndarray] | None:
     """``mu``, ``sigma``, ``mu_s``, ``sigma_s`` stored in an ADM reference batch, or None if absent."""
-    with np.load(path) as npz:
-        if "mu" not in npz.files:
-            return None
-        missing = [key for key in STATISTICS_KEYS if key not in npz.files]
-        if missing:
-            raise ValueError(f"{path} stores mu but lacks {missing}")
-        return {key: npz[key] for key in STATISTICS_KEYS}
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            if "mu" not in npz.files:
+                return None
+            missing = [key for key in STATISTICS_KEYS if key not in npz.files]
+            if missing:
+                raise ValueError(f"{path} stores mu but lacks {missing}")
+            return {key: npz[key] for key in STATISTICS_KEYS}
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as error:
+        if isinstance(error, ValueError) and str(path) in str(error):
+            raise
+        raise ValueError(f"{path}: not a readable npz file of statistics (corrupted or not an npz?): {error}") from error
 
 
 @contextlib.contextmanager
@@ -196,16 +205,24 @@ def _open_npy(path: str | os.PathLike, key: str):
     # Yields (stream at the array data, shape, dtype, fortran_order) of one array of an npz file.
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such npz file: {path}")
-    with zipfile.ZipFile(path) as archive:
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as error:
+        raise ValueError(f"{path}: not a readable npz file (corrupted, truncated or not an npz?): {error}") from error
+    with archive:
         names = archive.namelist()
         if f"{key}.npy" not in names:
             raise KeyError(f"{path} has no array {key!r} (arrays: {[n.removesuffix('.npy') for n in names]})")
-        with archive.open(f"{key}.npy") as stream:
+        try:
+            stream = archive.open(f"{key}.npy")
             version = np.lib.format.read_magic(stream)
             if version == (1, 0):
                 shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(stream)
             elif version == (2, 0):
                 shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(stream)
             else:  # 3.0 only differs for non-latin-1 field names, which image arrays never have
-                raise ValueError(f"{path}: unsupported npy format version {version} for {key!r}")
+                raise ValueError(f"unsupported npy format version {version}")
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as error:
+            raise ValueError(f"{path}: array {key!r} is not a readable npy array (corrupted?): {error}") from error
+        with stream:
             yield stream, shape, dtype, fortran_order

@@ -35,6 +35,7 @@ A ``.safetensors`` file with the same keys also loads.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -276,9 +277,15 @@ class FIDInceptionV3(nn.Module):
         if path is not None:
             state_dict = _load_state_dict(path)
         elif download:
-            state_dict = torch.hub.load_state_dict_from_url(
-                PYTORCH_FID_WEIGHTS_URL, map_location="cpu", weights_only=True
-            )
+            try:
+                state_dict = torch.hub.load_state_dict_from_url(
+                    PYTORCH_FID_WEIGHTS_URL, map_location="cpu", weights_only=True
+                )
+            except OSError as error:  # URLError, no route, DNS: offline
+                raise OSError(
+                    f"could not download the FID Inception weights from {PYTORCH_FID_WEIGHTS_URL} (offline?): "
+                    f"{error}; download them elsewhere and pass their path instead"
+                ) from error
         else:
             raise ValueError(
                 "Pass the path of the FID Inception weights (pytorch-fid's pt_inception-2015-12-05-6726825d.pth, "
@@ -335,8 +342,32 @@ def _load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             f"FID Inception weights not found at {path}; get pt_inception-2015-12-05-6726825d.pth from "
             f"{PYTORCH_FID_WEIGHTS_URL}"
         )
-    if str(path).endswith(".safetensors"):
-        from safetensors.torch import load_file
+    try:
+        if str(path).endswith(".safetensors"):
+            from safetensors.torch import load_file
 
-        return load_file(path)
-    return torch.load(path, map_location="cpu", weights_only=True)
+            state_dict = load_file(path)
+        else:
+            # weights_only: a downloaded .pth cannot run code while it is read. A foreign file also draws a pickle
+            # protocol warning; the error below says what matters.
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Detected pickle protocol")
+                state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch and safetensors raise several types for truncated or foreign files
+        raise ValueError(
+            f"{path} is not a readable FID Inception weights file (truncated, corrupted, or not a weights-only "
+            f"PyTorch/safetensors state dict): {_load_error_reason(error)}"
+        ) from error
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise ValueError(f"{path} does not hold a state dict of tensors (got {type(state_dict).__name__})")
+    return state_dict
+
+
+def _load_error_reason(error: Exception) -> str:
+    # torch's weights-only refusal is a page of advice (including "retry with weights_only=False", which would run
+    # the file's code); keep the line that says what was refused.
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if lines and lines[0].startswith("Weights only load failed"):
+        details = [line for line in lines[1:] if not line.startswith(("Please file an issue", "Check the documentation"))]
+        return "the weights-only loader refused it: " + " ".join(details or ["unsupported content"])
+    return lines[0] if lines else type(error).__name__
