@@ -16,7 +16,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_rar import RARConfig
 from .generation_rar import RARClassifierFreeGuidanceLogitsProcessor, guidance_scales
-from .prepacked_linear import PrepackedLinear, prepacked_linear_weights
+from .prepacked_linear import PrepackedLinear, pack_linear_weights, unpack_linear_weights
 
 
 def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
@@ -559,10 +559,12 @@ class RARForImageGeneration(RARPreTrainedModel, GenerationMixin):
             guidance_scale_pow (`float`, *optional*): exponent of the pow-cosine schedule; defaults to the config's.
             orders (`str` or `torch.LongTensor`, *optional*): generation order: `"raster"` (default), `"random"`, a
                 scan order name (see `rar_hf.data.scan_orders`) or a `(B, image_seq_len)` permutation tensor.
-            prepack_weights (`bool`): on CPU, run the decoder's linear layers on oneDNN-prepacked copies of their
-                float32/bfloat16 weights for the length of the call (decoding steps about 2x faster; the copies, as
-                large as those weights, are freed afterwards). Inside a `rar_hf.prepacked_linear_weights(model)`
-                block the block's copies are used instead. No effect on other devices.
+            prepack_weights (`bool`): on CPU, run the linear layers on oneDNN-packed float32/bfloat16 weights
+                (decoding steps about 2x faster). The packed weights replace the plain ones and stay after the call,
+                so later calls do not pack again and memory holds one copy; `state_dict()`/`save_pretrained` are
+                unchanged, and `train()`, `.to()`, reading a `.weight` or `rar_hf.unpack_linear_weights(model)`
+                restore the plain weights (see `rar_hf.pack_linear_weights`). `False` restores them and runs
+                `F.linear`. No effect on other devices.
             kwargs: passed to `GenerationMixin.generate` (`temperature`, `top_k`, `top_p`, `do_sample`,
                 `cache_implementation="static"`, `use_cache`, `return_dict_in_generate`, `output_scores`, ...).
 
@@ -590,16 +592,19 @@ class RARForImageGeneration(RARPreTrainedModel, GenerationMixin):
             processors.append(RARClassifierFreeGuidanceLogitsProcessor(scales, prompt_length=1))
         if logits_processor is not None:
             processors.extend(logits_processor)
-        num_rows = batch_size * (2 if guidance else 1)
-        with prepacked_linear_weights(self, num_rows, enabled=prepack_weights):
-            outputs = super().generate(
-                input_ids=input_ids,
-                logits_processor=processors,
-                orders=orders,
-                guidance=guidance,
-                modulation_cache=RARModulationCache(),
-                **kwargs,
-            )
+        if prepack_weights and not self.training:
+            # A layout for at least 8 rows: oneDNN's layout for 1-2 rows streams the weights 3x slower at any count.
+            pack_linear_weights(self, num_rows=max(8, batch_size * (2 if guidance else 1)))
+        elif not prepack_weights:
+            unpack_linear_weights(self)
+        outputs = super().generate(
+            input_ids=input_ids,
+            logits_processor=processors,
+            orders=orders,
+            guidance=guidance,
+            modulation_cache=RARModulationCache(),
+            **kwargs,
+        )
         if orders is None:
             return outputs
         sequences = outputs if isinstance(outputs, torch.Tensor) else outputs.sequences
