@@ -195,6 +195,8 @@ def parse_args(argv=None):
     p.add_argument("--impl", default="hf", choices=["hf", "official"],
                    help="hf: model.generate; official: the official sampler's cost structure only.")
     p.add_argument("--baseline", action="store_true", help="Also time the official sampler and print the speed-up.")
+    p.add_argument("--baseline_warmup", type=int, default=None,
+                   help="Untimed runs of the official sampler before timing it (default: --warmup; it compiles nothing).")
     p.add_argument("--check", action="store_true",
                    help="Before timing, check the official sampler against generate on these weights (teacher-forced "
                         "logits, greedy tokens) for min(num_tokens, 8) steps.")
@@ -260,7 +262,7 @@ def main(argv=None):
     if args.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
     model = build_model(args.preset, dtype, device, seed=args.seed).eval()
-    from rar_hf.prepacked_linear import prepacked_linear_weights
+    from rar_hf.prepacked_linear import prepacked_linear_weights, unpack_linear_weights
 
     config = model.config
     length = config.image_seq_len
@@ -295,11 +297,15 @@ def main(argv=None):
                                         num_tokens=num_tokens)
 
     def measure(impl, make_runner):
+        if impl == "official":
+            # generate() leaves the model on packed weights; the baseline runs the official F.linear products.
+            unpack_linear_weights(model)
         reset_peak_memory(device)
         torch.manual_seed(args.seed)
         outer = impl == "hf" and args.prepack_once and not args.no_prepack
         with torch.no_grad(), prepacked_linear_weights(model, 2 * args.batch_size, enabled=outer):
-            times = time_runs(make_runner(), device, args.repeats, args.warmup)
+            warmup = args.warmup if impl == "hf" or args.baseline_warmup is None else args.baseline_warmup
+            times = time_runs(make_runner(), device, args.repeats, warmup)
         seconds = statistics.median(times)
         mem, mem_kind = peak_memory(device)
         return {

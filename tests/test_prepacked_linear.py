@@ -18,7 +18,8 @@ needs_onednn = pytest.mark.skipif(
 def test_packed_product_matches_f_linear(bias):
     torch.manual_seed(0)
     layer = PrepackedLinear(48, 80, bias=bias)
-    inputs = [torch.randn(8, 48), torch.randn(2, 5, 48), torch.randn(8, 96)[:, ::2]]  # 2-D, 3-D, strided
+    # 2-D, 3-D, strided, and 1-3 rows (padded to 8 rows inside)
+    inputs = [torch.randn(8, 48), torch.randn(2, 5, 48), torch.randn(8, 96)[:, ::2], torch.randn(1, 48), torch.randn(3, 1, 48)]
     with torch.no_grad(), prepacked_linear_weights(layer, num_rows=8):
         assert layer.packed_weight is not None
         for x in inputs:
