@@ -8,11 +8,15 @@
 Output shards are `OUTPUT_DIR/data/{split}-{i:05d}-of-{n:05d}.parquet`, which `datasets.load_dataset(OUTPUT_DIR)`
 and `train_rar.py --pretokenized_dataset OUTPUT_DIR` read. Shard i is written by process i % num_processes, atomically
 (a temporary file renamed when complete), and existing shards are skipped: re-running the command resumes.
+`OUTPUT_DIR/rar_pretokenized-{split}.json` records what the shards were made from (source, tokenizer hashes,
+resolution, augmentation, shard count, code version) and what train_rar.py needs (sequence length, codebook size,
+class names); a re-run with any of them changed is refused rather than mixed with the old shards.
 Augmentations: `center` (ADM centre crop), `center_flip` (centre crop and its mirror, the paper's ablations) and
 `ten_crop` (resize the short side to 1.1x, then four corners + centre and their mirrors, the paper's final models).
 """
 
 import argparse
+import json
 import os
 from pathlib import Path
 
@@ -21,7 +25,9 @@ import torch
 from PIL import ImageOps
 from tqdm.auto import tqdm
 
-from rar_hf.data import center_crop_arr, read_official_jsonl, ten_crop_arr, to_tensor
+import rar_hf
+from rar_hf.data import center_crop_arr, pretokenized_metadata_path, read_official_jsonl, ten_crop_arr, to_tensor
+from rar_hf.training_utils import UserInputError, describe_load_error, load_pretrained, run_script
 
 AUGMENTATIONS = ("center", "center_flip", "ten_crop")
 FEATURES = datasets.Features({"tokens": datasets.List(datasets.Value("int32")), "label": datasets.Value("int32")})
@@ -71,9 +77,9 @@ def shard_path(output_dir: Path, split: str, index: int, num_shards: int) -> Pat
     return output_dir / "data" / f"{split}-{index:05d}-of-{num_shards:05d}.parquet"
 
 
-def write_shard(rows: dict, path: Path):
+def write_shard(rows: dict, path: Path, features=FEATURES):
     tmp = path.with_name("." + path.name + ".tmp")
-    datasets.Dataset.from_dict(rows, features=FEATURES).to_parquet(str(tmp))
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(tmp))
     os.replace(tmp, path)  # a killed run leaves only the temporary file, which the next run overwrites
 
 
@@ -97,53 +103,162 @@ def tokenize_shard(args, dataset, index, vqvae, device, skip_counter) -> dict:
     return {"tokens": tokens, "label": labels}
 
 
+def fingerprint(args, vqvae=None, dataset=None, first_row=None) -> dict:
+    """Everything that determines the shards' contents, and what train_rar.py reads back."""
+    common = {"rar_hf_version": rar_hf.__version__, "split": args.split, "num_shards": args.num_shards}
+    if args.official_jsonl is not None:
+        path = os.path.abspath(args.official_jsonl)
+        return {
+            **common,
+            "source": {"official_jsonl": path, "size": os.path.getsize(path)},
+            "tokenizer": {"official": "MaskGIT-VQGAN tokens of the official maskgitvq.jsonl"},
+            "resolution": 256,
+            "augmentation": "official",
+            "image_seq_len": len(first_row["tokens"]) if first_row else 0,
+            "latent_size": None,
+            "codebook_size": 1024,
+            "class_names": None,
+        }
+    from rar_hf.data import class_names, tokenizer_fingerprint
+
+    name = args.dataset_name
+    side = args.resolution // vqvae.downsample_factor
+    return {
+        **common,
+        "source": {
+            "dataset_name": os.path.abspath(name) if os.path.exists(name) else name,
+            "image_column": args.image_column,
+            "label_column": args.label_column,
+            "streaming": args.streaming,  # streamed and downloaded datasets are split into shards differently
+        },
+        "tokenizer": {"name_or_path": args.vqvae, **tokenizer_fingerprint(vqvae)},
+        "resolution": args.resolution,
+        "augmentation": args.augmentation,
+        "image_seq_len": side * side,
+        "latent_size": [side, side],
+        "codebook_size": vqvae.config.codebook_size,
+        "class_names": class_names(dataset),
+    }
+
+
+def check_resumable(output_dir: Path, split: str, expected: dict) -> None:
+    """Refuse to add shards to an output folder whose existing `split` shards were made differently."""
+    path = Path(pretokenized_metadata_path(output_dir, split))
+    written = sorted((output_dir / "data").glob(f"{split}-*.parquet"))
+    if not path.is_file():
+        if written:
+            raise UserInputError(
+                f"--output_dir {output_dir} holds {len(written)} {split} shards but no {path.name} saying how they were "
+                "made: use another --output_dir or delete them."
+            )
+        return
+    try:
+        previous = json.loads(path.read_text(encoding="utf-8"))["fingerprint"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise UserInputError(f"{path}: unreadable ({type(error).__name__}: {error}); delete {output_dir} to start again.") from None
+    changed = [key for key in sorted(set(previous) | set(expected)) if previous.get(key) != expected.get(key)]
+    if changed:
+        details = "; ".join(f"{key}: {_short(previous.get(key))} then, {_short(expected.get(key))} now" for key in changed)
+        raise UserInputError(
+            f"--output_dir {output_dir} holds {split} shards made with other settings ({details}): resuming would mix "
+            "them. Use another --output_dir or delete that one."
+        )
+
+
+def _short(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def write_metadata(output_dir: Path, split: str, fingerprint_: dict, num_rows=None) -> None:
+    path = Path(pretokenized_metadata_path(output_dir, split))
+    tmp = path.with_name("." + path.name + ".tmp")
+    tmp.write_text(json.dumps({"fingerprint": fingerprint_, "complete": num_rows is not None, "num_rows": num_rows}, indent=2))
+    os.replace(tmp, path)
+
+
 def main(args):
     from accelerate import PartialState
 
     state = PartialState()
     output_dir = Path(args.output_dir)
-    (output_dir / "data").mkdir(parents=True, exist_ok=True)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserInputError(f"--output_dir {output_dir} exists and is not a folder.")
+    if args.num_shards < 1:
+        raise UserInputError(f"--num_shards must be >= 1, got {args.num_shards}.")
+
+    if args.official_jsonl is not None:
+        try:
+            rows = list(read_official_jsonl(args.official_jsonl))
+        except FileNotFoundError:
+            raise UserInputError(f"--official_jsonl {args.official_jsonl}: no such file.") from None
+        except UnicodeDecodeError as error:
+            raise UserInputError(f"{args.official_jsonl}: not a text jsonl file ({error.reason} at byte {error.start}).") from None
+        except ValueError as error:
+            raise UserInputError(f"--official_jsonl: {error}") from None
+        if not rows:
+            raise UserInputError(f"--official_jsonl {args.official_jsonl} holds no rows.")
+        expected, features = fingerprint(args, first_row=rows[0]), FEATURES
+    else:
+        from rar_hf.data import SkipCounter, load_image_dataset
+        from rar_hf.modeling_maskgit_vqgan import MaskGITVQModel
+
+        try:
+            dataset = load_image_dataset(
+                args.dataset_name,
+                split=args.split,
+                streaming=args.streaming,
+                image_column=args.image_column,
+                label_column=args.label_column,
+            )
+        except Exception as error:
+            raise UserInputError(f"--dataset_name {args.dataset_name}: cannot load split {args.split!r} ({describe_load_error(error)}).") from error
+        vqvae = load_pretrained(MaskGITVQModel, args.vqvae, "--vqvae").to(state.device).eval()
+        expected = fingerprint(args, vqvae=vqvae, dataset=dataset)
+        features = FEATURES
+        if expected["class_names"] is not None:  # kept in the shards, so that train_rar.py can name the classes
+            features = datasets.Features({**FEATURES, "label": datasets.ClassLabel(names=expected["class_names"])})
+
+    check_resumable(output_dir, args.split, expected)  # every process, before any of them writes
+    state.wait_for_everyone()
+    if state.is_main_process:
+        (output_dir / "data").mkdir(parents=True, exist_ok=True)
+        write_metadata(output_dir, args.split, expected)
+    state.wait_for_everyone()
     mine = [i for i in range(args.num_shards) if i % state.num_processes == state.process_index]
     todo = [i for i in mine if not shard_path(output_dir, args.split, i, args.num_shards).exists()]
     if len(todo) < len(mine):
         print(f"[rank {state.process_index}] {len(mine) - len(todo)} shards already written: resuming")
 
     if args.official_jsonl is not None:
-        if todo:
-            rows = list(read_official_jsonl(args.official_jsonl))
-            for i in tqdm(todo, desc="shards", disable=not state.is_main_process):
-                part = rows[i :: args.num_shards]
-                write_shard({"tokens": [r["tokens"] for r in part], "label": [r["label"] for r in part]},
-                            shard_path(output_dir, args.split, i, args.num_shards))  # fmt: skip
+        for i in tqdm(todo, desc="shards", disable=not state.is_main_process):
+            part = rows[i :: args.num_shards]
+            write_shard({"tokens": [r["tokens"] for r in part], "label": [r["label"] for r in part]},
+                        shard_path(output_dir, args.split, i, args.num_shards))  # fmt: skip
     else:
-        from rar_hf.data import SkipCounter, load_image_dataset
-        from rar_hf.modeling_maskgit_vqgan import MaskGITVQModel
-
-        dataset = load_image_dataset(
-            args.dataset_name,
-            split=args.split,
-            streaming=args.streaming,
-            image_column=args.image_column,
-            label_column=args.label_column,
-        )
-        vqvae = MaskGITVQModel.from_pretrained(args.vqvae).to(state.device).eval()
         skip_counter = SkipCounter()
         for i in tqdm(todo, desc="shards", disable=not state.is_main_process):
             rows = tokenize_shard(args, dataset, i, vqvae, state.device, skip_counter)
-            write_shard(rows, shard_path(output_dir, args.split, i, args.num_shards))
+            write_shard(rows, shard_path(output_dir, args.split, i, args.num_shards), features)
         if skip_counter.count:
             print(f"[rank {state.process_index}] skipped {skip_counter.count} undecodable images")
     state.wait_for_everyone()
 
     if state.is_main_process:
         total = datasets.load_dataset(str(output_dir), split=args.split).num_rows
+        write_metadata(output_dir, args.split, expected, num_rows=total)
         print(f"Wrote {args.num_shards} shards, {total} rows, to {output_dir / 'data'}")
         if args.push_to_hub:
             from huggingface_hub import create_repo, upload_folder
 
             create_repo(args.push_to_hub, repo_type="dataset", exist_ok=True)
-            upload_folder(repo_id=args.push_to_hub, repo_type="dataset", folder_path=str(output_dir), allow_patterns=["data/*.parquet"])
+            upload_folder(
+                repo_id=args.push_to_hub,
+                repo_type="dataset",
+                folder_path=str(output_dir),
+                allow_patterns=["data/*.parquet", "rar_pretokenized-*.json"],
+            )
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_script(main, parse_args())

@@ -27,9 +27,17 @@ from transformers import get_scheduler
 from rar_hf import RARConfig, RARForImageGeneration
 from rar_hf.data import RARDataCollator
 from rar_hf.training_utils import (
-    checkpoint_step,
+    LOCK_NAME,
+    UserInputError,
+    check_distributed_launch,
+    check_output_dir,
+    describe_load_error,
     finish_uploads,
+    load_checkpoint,
+    load_pretrained,
+    prepare_output_dir,
     resolve_checkpoint,
+    run_script,
     save_checkpoint,
     truncate_metrics,
 )
@@ -83,6 +91,7 @@ def parse_args(argv=None):
     out.add_argument("--checkpointing_steps", type=int, default=5000, help="Save a resumable checkpoint every N steps.")
     out.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
     out.add_argument("--resume_from_checkpoint", default=None, help="A checkpoint folder or 'latest'.")
+    out.add_argument("--overwrite_output_dir", action="store_true", help="Delete what --output_dir holds (another run) and start again.")
     out.add_argument("--report_to", default="tensorboard", help="tensorboard, wandb, all or none.")
     out.add_argument("--logging_steps", type=int, default=50, help="Log every N steps (trackers and metrics.jsonl).")
     out.add_argument("--validation_steps", type=int, default=None, help="Log a sample grid every N steps (needs --vqvae).")
@@ -98,18 +107,154 @@ def parse_args(argv=None):
     return args
 
 
-def build_config(args, vqvae) -> RARConfig:
-    overrides = {"class_dropout_prob": args.class_dropout_prob}
-    if vqvae is not None:
-        factor = vqvae.downsample_factor
-        overrides.update(codebook_size=vqvae.config.codebook_size, latent_size=[args.resolution // factor] * 2)
-        overrides["image_seq_len"] = (args.resolution // factor) ** 2
+def load_training_data(args):
+    """The training split (map-style for pre-tokenised data) and what it says about the model it needs:
+    `{"image_seq_len", "latent_size", "codebook_size", "class_names", "num_labels", "tokenizer"}` (None = unknown)."""
+    from rar_hf.data import class_names, load_image_dataset, load_pretokenized_dataset, read_pretokenized_metadata
+
+    info = dict.fromkeys(("image_seq_len", "latent_size", "codebook_size", "class_names", "num_labels", "tokenizer"))
+    if args.pretokenized_dataset is None:
+        try:
+            dataset = load_image_dataset(args.dataset_name, split=args.dataset_split, streaming=args.streaming,
+                                         image_column=args.image_column, label_column=args.label_column)  # fmt: skip
+        except Exception as error:
+            raise UserInputError(f"--dataset_name {args.dataset_name}: cannot load split {args.dataset_split!r} ({describe_load_error(error)}).") from error
+        info["class_names"] = class_names(dataset)
+        if not args.streaming:
+            info["num_labels"] = label_count(dataset, args.dataset_name)
+        return dataset, info
+
+    source = args.pretokenized_dataset
+    try:
+        metadata = read_pretokenized_metadata(source, args.dataset_split)
+    except ValueError as error:
+        raise UserInputError(str(error)) from None
+    if metadata is not None:
+        if not metadata.get("complete"):
+            raise UserInputError(f"--pretokenized_dataset {source}: pretokenize.py has not finished writing it (re-run it to complete it).")
+        made = metadata["fingerprint"]
+        info.update({key: made.get(key) for key in ("image_seq_len", "latent_size", "codebook_size", "class_names", "tokenizer")})
+    try:
+        dataset = load_pretokenized_dataset(source, split=args.dataset_split)
+    except Exception as error:
+        raise UserInputError(f"--pretokenized_dataset {source}: {find_corrupted_file(source, error)}") from error
+    info["class_names"] = info["class_names"] or class_names(dataset)
+    info["num_labels"] = label_count(dataset, source)
+    if len(dataset):
+        seq_len = len(dataset[0]["tokens"])
+        if info["image_seq_len"] is not None and seq_len != info["image_seq_len"]:
+            raise UserInputError(f"--pretokenized_dataset {source}: rows hold {seq_len} tokens, its metadata says {info['image_seq_len']}.")
+        info["image_seq_len"] = seq_len
+    return dataset, info
+
+
+def label_count(dataset, source) -> int:
+    """1 + the largest label of a map-style dataset (read from the Arrow column, without decoding rows)."""
+    import pyarrow.compute as pc
+
+    if len(dataset) == 0:
+        return 0
+    bounds = pc.min_max(dataset.data.column("label")).as_py()
+    if bounds["min"] < 0:
+        raise UserInputError(f"{source}: negative class label {bounds['min']}; labels must be 0..num_classes-1.")
+    return bounds["max"] + 1
+
+
+def find_corrupted_file(source, error) -> str:
+    """Name the data file behind a failed load when one of the local files cannot be read."""
+    import glob as globbing
+    import os
+
+    import pyarrow.parquet as pq
+
+    paths = globbing.glob(os.path.join(source, "**", "*.parquet"), recursive=True) if os.path.isdir(source) else globbing.glob(source)
+    for path in sorted(paths):
+        if path.endswith(".parquet"):
+            try:
+                pq.read_table(path)
+            except Exception as bad:
+                return f"{path} is corrupted or not a parquet file ({type(bad).__name__}: {str(bad)[:200]})."
+    return f"cannot load it ({describe_load_error(error)})."
+
+
+# Sizes that come from the data (tokenizer, resolution, classes) rather than from the architecture preset.
+DATA_KEYS = ("codebook_size", "image_seq_len", "latent_size", "num_classes")
+
+
+def data_overrides(args, vqvae, info) -> dict:
+    overrides = {}
+    if info["codebook_size"] is not None:
+        overrides["codebook_size"] = info["codebook_size"]
+    elif vqvae is not None:
+        overrides["codebook_size"] = vqvae.config.codebook_size
+    if vqvae is not None and info["codebook_size"] is not None and vqvae.config.codebook_size != info["codebook_size"]:
+        raise UserInputError(
+            f"--vqvae {args.vqvae} has {vqvae.config.codebook_size} codes but --pretokenized_dataset "
+            f"{args.pretokenized_dataset} was made with a tokenizer of {info['codebook_size']}."
+        )
+    if info["image_seq_len"] is not None:  # pre-tokenised: the rows say it, --resolution plays no part
+        overrides["image_seq_len"] = info["image_seq_len"]
+        if info["latent_size"] is not None:
+            overrides["latent_size"] = list(info["latent_size"])
+        else:
+            side = int(round(info["image_seq_len"] ** 0.5))
+            overrides["latent_size"] = [side, side] if side * side == info["image_seq_len"] else None
+    elif vqvae is not None:
+        side = args.resolution // vqvae.downsample_factor
+        overrides.update(latent_size=[side, side], image_seq_len=side * side)
+    if info["class_names"] is not None:
+        overrides["num_classes"] = len(info["class_names"])
+    return {k: v for k, v in overrides.items() if v is not None}
+
+
+def build_config(args, vqvae, info) -> RARConfig:
+    overrides = data_overrides(args, vqvae, info)
     if Path(args.model_config).is_file():
+        try:
+            explicit = json.loads(Path(args.model_config).read_text(encoding="utf-8"))
+        except ValueError as error:
+            raise UserInputError(f"--model_config {args.model_config}: not valid JSON ({error}).") from None
+        for key, value in overrides.items():
+            if key in explicit and explicit[key] != value:
+                raise UserInputError(
+                    f"--model_config {args.model_config} sets {key}={explicit[key]} but the training data has {value} "
+                    f"({describe_data(args)}); remove {key} from the config or use matching data."
+                )
         config = RARConfig.from_json_file(args.model_config)
         for key, value in overrides.items():
             setattr(config, key, value)
-        return config
-    return RARConfig.from_preset(args.model_config, **overrides)
+        config.class_dropout_prob = args.class_dropout_prob
+    else:
+        config = RARConfig.from_preset(args.model_config, class_dropout_prob=args.class_dropout_prob, **overrides)
+    if info["class_names"] is not None:
+        config.id2label = dict(enumerate(info["class_names"]))
+    return config
+
+
+def describe_data(args) -> str:
+    return f"--pretokenized_dataset {args.pretokenized_dataset}" if args.pretokenized_dataset else f"--dataset_name {args.dataset_name}"
+
+
+def check_model_fits_data(args, config, vqvae, info) -> None:
+    """Errors before the first step, with the counts, for data the model cannot take."""
+    data = describe_data(args)
+    for key, value in data_overrides(args, vqvae, info).items():
+        have = list(config.latent_size) if key == "latent_size" else getattr(config, key)
+        if key != "num_classes" and have != value:
+            raise UserInputError(f"the model has {key}={have} but {data} has {key}={value}.")
+    classes = len(info["class_names"]) if info["class_names"] is not None else info["num_labels"]
+    if classes is not None and classes > config.num_classes:
+        what = f"{classes} classes" if info["class_names"] is not None else f"labels up to {classes - 1}"
+        raise UserInputError(f"{data} has {what} but the model has {config.num_classes} classes (0..{config.num_classes - 1}).")
+    if info["tokenizer"] and vqvae is not None and "weights_sha256" in info["tokenizer"]:
+        from rar_hf.data import tokenizer_fingerprint
+
+        made_with = info["tokenizer"]
+        if {k: made_with[k] for k in ("config_sha256", "weights_sha256")} != tokenizer_fingerprint(vqvae):
+            raise UserInputError(
+                f"--vqvae {args.vqvae} is not the tokenizer {data} was made with ({made_with.get('name_or_path')}): the "
+                "saved pipeline would decode its tokens into the wrong images."
+            )
 
 
 def build_optimizer(model, args):
@@ -137,15 +282,12 @@ class MetricsWriter:
                 f.write(json.dumps(record) + "\n")
 
 
-def pretokenized_batches(args, accelerator, collator, batch_size, start_batch):
+def pretokenized_batches(args, dataset, accelerator, collator, batch_size, start_batch):
     """Yield collated batches of a map-style pre-tokenised dataset from global batch `start_batch` on, forever.
 
     Each epoch is a seeded DistributedSampler permutation; resuming skips batches in the sampler, so nothing is
     re-read and the collator (whose randomness depends on the batch index alone) replays the same batches.
     """
-    from rar_hf.data import load_pretokenized_dataset
-
-    dataset = load_pretokenized_dataset(args.pretokenized_dataset, split=args.dataset_split)
     sampler = DistributedSampler(
         dataset,
         num_replicas=accelerator.num_processes,
@@ -167,8 +309,8 @@ def pretokenized_batches(args, accelerator, collator, batch_size, start_batch):
     )
     per_epoch = len(loader)
     if per_epoch == 0:
-        raise ValueError(
-            f"{args.pretokenized_dataset} has {len(dataset)} rows: fewer than one batch of {batch_size} per process "
+        raise UserInputError(
+            f"--pretokenized_dataset {args.pretokenized_dataset} has {len(dataset)} rows: fewer than one batch of {batch_size} per process "
             f"({accelerator.num_processes} processes)."
         )
     batch_index = start_batch
@@ -182,20 +324,13 @@ def pretokenized_batches(args, accelerator, collator, batch_size, start_batch):
             batch_index += 1
 
 
-def image_batches(args, accelerator, collator, batch_size, start_batch, vqvae, skip_counter):
+def image_batches(args, dataset, accelerator, collator, batch_size, start_batch, vqvae, skip_counter):
     """Yield collated batches of images tokenised on the fly by the frozen `vqvae`, from `start_batch` on.
 
     Resuming re-reads (but does not tokenise) the skipped batches, which keeps the seeded shuffle exact.
     """
-    from rar_hf.data import ImageTransform, decode_images, load_image_dataset, split_and_shuffle
+    from rar_hf.data import ImageTransform, decode_images, split_and_shuffle
 
-    dataset = load_image_dataset(
-        args.dataset_name,
-        split=args.dataset_split,
-        streaming=args.streaming,
-        image_column=args.image_column,
-        label_column=args.label_column,
-    )
     dataset = split_and_shuffle(
         dataset,
         accelerator.process_index,
@@ -225,13 +360,22 @@ def image_batches(args, accelerator, collator, batch_size, start_batch, vqvae, s
             batch_index += 1
         epoch += 1
         if batch_index == 0:
-            raise ValueError(f"{args.dataset_name} yields fewer than one batch of {batch_size} per process.")
+            raise UserInputError(f"--dataset_name {args.dataset_name} yields fewer than one batch of {batch_size} per process.")
+
+
+def pipeline_labels(model) -> dict | None:
+    """The class names the data gave the model (build_config), for the pipeline; None leaves the pipeline's default."""
+    config = getattr(model, "module", model).config
+    names = {int(k): v for k, v in (config.id2label or {}).items()}
+    if set(names) != set(range(config.num_classes)) or all(v == f"LABEL_{k}" for k, v in names.items()):
+        return None
+    return names
 
 
 def log_validation(accelerator, model, vqvae, args, step):
     from rar_hf.pipeline_rar import RARPipeline
 
-    pipeline = RARPipeline(transformer=accelerator.unwrap_model(model), vqvae=vqvae)
+    pipeline = RARPipeline(transformer=accelerator.unwrap_model(model), vqvae=vqvae, id2label=pipeline_labels(model))
     pipeline.set_progress_bar_config(disable=True)
     num_classes = pipeline.transformer.config.num_classes
     labels = [c % num_classes for c in args.validation_class_labels]
@@ -256,6 +400,7 @@ def log_validation(accelerator, model, vqvae, args, step):
 
 def main(args):
     output_dir = Path(args.output_dir)
+    check_output_dir(output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
     report_to = None if args.report_to == "none" else args.report_to
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -265,8 +410,8 @@ def main(args):
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     set_seed(args.seed)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
+    check_distributed_launch(accelerator.num_processes)
+    run_lock = prepare_output_dir(accelerator, output_dir, args.overwrite_output_dir)  # noqa: F841 (held until exit)
     hub_repo, pending_uploads = None, []  # pending: background checkpoint uploads (futures)
     if args.push_to_hub and accelerator.is_main_process:
         from huggingface_hub import create_repo
@@ -277,11 +422,13 @@ def main(args):
     if args.vqvae is not None:
         from rar_hf.modeling_maskgit_vqgan import MaskGITVQModel
 
-        vqvae = MaskGITVQModel.from_pretrained(args.vqvae).to(accelerator.device).eval().requires_grad_(False)
+        vqvae = load_pretrained(MaskGITVQModel, args.vqvae, "--vqvae").to(accelerator.device).eval().requires_grad_(False)
+    dataset, data_info = load_training_data(args)
     if args.pretrained_model is not None:
-        model = RARForImageGeneration.from_pretrained(args.pretrained_model)
+        model = load_pretrained(RARForImageGeneration, args.pretrained_model, "--pretrained_model")
     else:
-        model = RARForImageGeneration(build_config(args, vqvae))
+        model = RARForImageGeneration(build_config(args, vqvae, data_info))
+    check_model_fits_data(args, model.config, vqvae, data_info)
     if args.gradient_checkpointing:
         # activation_checkpointing_enable is the name since transformers 5.2x; gradient_checkpointing_enable before.
         getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
@@ -302,15 +449,15 @@ def main(args):
         scheduler_specific_kwargs={"min_lr": args.min_learning_rate} if "min_lr" in args.lr_scheduler else None,
     )
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    custom_states = {}
     if ema is not None:
         ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema)
+        custom_states["ema"] = ema  # saved as safetensors by save_checkpoint, never pickled
 
     global_step = 0
     checkpoint = resolve_checkpoint(args.resume_from_checkpoint, output_dir)
     if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
-        global_step = checkpoint_step(checkpoint)
+        global_step = load_checkpoint(accelerator, checkpoint, custom_states)
         logger.info("Resumed from %s at step %d.", checkpoint, global_step)
     elif args.resume_from_checkpoint:
         logger.info("No checkpoint in %s: starting from scratch.", output_dir)
@@ -330,12 +477,12 @@ def main(args):
     start_batch = global_step * args.gradient_accumulation_steps
     skip_counter = None
     if args.pretokenized_dataset is not None:
-        batches = pretokenized_batches(args, accelerator, collator, args.train_batch_size, start_batch)
+        batches = pretokenized_batches(args, dataset, accelerator, collator, args.train_batch_size, start_batch)
     else:
         from rar_hf.data import SkipCounter
 
         skip_counter = SkipCounter()
-        batches = image_batches(args, accelerator, collator, args.train_batch_size, start_batch, vqvae, skip_counter)
+        batches = image_batches(args, dataset, accelerator, collator, args.train_batch_size, start_batch, vqvae, skip_counter)
 
     if accelerator.is_main_process:
         accelerator.init_trackers("rar", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
@@ -400,7 +547,7 @@ def main(args):
         if global_step % args.checkpointing_steps == 0:
             # The rotation in save_checkpoint may delete a checkpoint that a background upload is still reading.
             finish_uploads(pending_uploads)
-            path = save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
+            path = save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit, custom_states)
             if hub_repo is not None:
                 from huggingface_hub import upload_folder
 
@@ -431,7 +578,7 @@ def main(args):
         if vqvae is not None:
             from rar_hf.pipeline_rar import RARPipeline
 
-            RARPipeline(transformer=final, vqvae=vqvae).save_pretrained(output_dir)
+            RARPipeline(transformer=final, vqvae=vqvae, id2label=pipeline_labels(final)).save_pretrained(output_dir)
         finish_uploads(pending_uploads)
         if hub_repo is not None:
             from huggingface_hub import upload_folder
@@ -439,7 +586,7 @@ def main(args):
             upload_folder(
                 repo_id=hub_repo,
                 folder_path=str(output_dir),
-                ignore_patterns=["checkpoint-*", ".checkpoint-*", "logs/*"],
+                ignore_patterns=["checkpoint-*", ".checkpoint-*", "logs/*", LOCK_NAME],
                 commit_message=f"Final model after {global_step} steps",
             )
     # Release the DDP wrapper while its process group is alive: freed at interpreter exit instead, its reducer joins
@@ -450,4 +597,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_script(main, parse_args())

@@ -34,8 +34,21 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from rar_hf.data import ImageTransform, load_image_dataset
+from rar_hf.data.datasets import open_image_or_raise
 from rar_hf.modeling_maskgit_vqgan import MaskGITVQModel
-from rar_hf.training_utils import checkpoint_step, resolve_checkpoint, save_checkpoint, truncate_metrics
+from rar_hf.training_utils import (
+    UserInputError,
+    check_distributed_launch,
+    check_output_dir,
+    describe_load_error,
+    load_checkpoint,
+    load_pretrained,
+    prepare_output_dir,
+    resolve_checkpoint,
+    run_script,
+    save_checkpoint,
+    truncate_metrics,
+)
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -205,6 +218,11 @@ def parse_args(input_args=None):
         default=None,
         help='Resume from a checkpoint folder, or "latest" for the newest one in --output_dir (a fresh run if none).',
     )
+    parser.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="Delete what --output_dir holds (another run) and start again; without it a non-empty folder is refused.",
+    )
 
     args = parser.parse_args(input_args)
     for name in ("train_batch_size", "max_train_steps", "gradient_accumulation_steps", "logging_steps"):
@@ -225,9 +243,9 @@ def load_model_config(value):
     try:
         config = json.loads(value)
     except json.JSONDecodeError:
-        raise ValueError(f"--model_config must be a JSON file or an inline JSON object, got {value!r}") from None
+        raise UserInputError(f"--model_config must be a JSON file or an inline JSON object, got {value!r}") from None
     if not isinstance(config, dict):
-        raise ValueError(f"--model_config must be a JSON object, got {value!r}")
+        raise UserInputError(f"--model_config must be a JSON object, got {value!r}")
     return config
 
 
@@ -291,22 +309,29 @@ def restart_dead_codes(accelerator, model, images, usage, generator, ema_model=N
 
 
 def make_dataloader(args, split, transform, shuffle, max_samples=None):
-    dataset = load_image_dataset(
-        args.dataset_name,
-        split=split,
-        image_column=args.image_column,
-        label_column=args.label_column,
-        cache_dir=args.cache_dir,
-        **({"name": args.dataset_config_name} if args.dataset_config_name else {}),
-    )
+    try:
+        dataset = load_image_dataset(
+            args.dataset_name,
+            split=split,
+            image_column=args.image_column,
+            label_column=args.label_column,
+            cache_dir=args.cache_dir,
+            **({"name": args.dataset_config_name} if args.dataset_config_name else {}),
+        )
+    except Exception as error:
+        raise UserInputError(f"--dataset_name {args.dataset_name}: cannot load split {split!r} ({describe_load_error(error)}).") from error
     if max_samples is not None:
         dataset = dataset.shuffle(seed=args.seed).select(range(min(max_samples, len(dataset))))
     # Map-style with an on-the-fly transform (as the diffusers examples do): exact epochs, a seedable
-    # shuffle and batch skipping on resume. load_image_dataset leaves images undecoded; decode them here.
-    dataset = dataset.cast_column("image", datasets.Image())
+    # shuffle and batch skipping on resume. load_image_dataset leaves images undecoded; decode them here, where a
+    # corrupted file stops the run naming it (a map-style batch cannot just drop a row).
+    where = f"an image of {args.dataset_name} ({split})"
 
     def preprocess(batch):
-        return {"pixel_values": [transform(image) for image in batch["image"]]}
+        try:
+            return {"pixel_values": [transform(open_image_or_raise(image, where)) for image in batch["image"]]}
+        except ValueError as error:
+            raise UserInputError(str(error)) from None
 
     dataset = dataset.with_transform(preprocess)
 
@@ -342,6 +367,7 @@ def evaluate(model, dataloader, codebook_size):
 
 
 def main(args):
+    check_output_dir(args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
     logging_dir = os.path.join(args.output_dir, args.logging_dir)
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
@@ -364,11 +390,11 @@ def main(args):
         datasets.utils.logging.set_verbosity_error()
 
     set_seed(args.seed)
-    if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
+    check_distributed_launch(accelerator.num_processes)
+    run_lock = prepare_output_dir(accelerator, args.output_dir, args.overwrite_output_dir)  # noqa: F841 (held until exit)
 
     if args.pretrained_model is not None:
-        model = MaskGITVQModel.from_pretrained(args.pretrained_model)
+        model = load_pretrained(MaskGITVQModel, args.pretrained_model, "--pretrained_model")
     else:
         config = load_model_config(args.model_config)
         config.setdefault("sample_size", args.resolution)
@@ -410,10 +436,11 @@ def main(args):
         model, optimizer, train_dataloader, lr_scheduler
     )
     usage = CodebookUsage(codebook_size)
-    accelerator.register_for_checkpointing(usage)
+    # Saved as safetensors by save_checkpoint (accelerate's register_for_checkpointing would pickle them).
+    custom_states = {"codebook_usage": usage}
     if ema_model is not None:
         ema_model.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema_model)
+        custom_states["ema"] = ema_model
 
     num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     num_train_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
@@ -440,8 +467,7 @@ def main(args):
         logger.info(f"No checkpoint in {args.output_dir}; starting a new training run.")
     if checkpoint is not None:
         logger.info(f"Resuming from {checkpoint}")
-        accelerator.load_state(str(checkpoint))
-        global_step = checkpoint_step(checkpoint)
+        global_step = load_checkpoint(accelerator, checkpoint, custom_states)
     if accelerator.is_main_process:
         truncate_metrics(metrics_path, global_step)
     first_epoch = global_step // num_update_steps_per_epoch
@@ -520,7 +546,7 @@ def main(args):
                 usage.window.zero_()
 
             if global_step % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
+                save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit, custom_states)
 
             if global_step >= args.max_train_steps:
                 break
@@ -549,4 +575,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_script(main, parse_args())

@@ -20,11 +20,24 @@ REPO = Path(__file__).resolve().parents[1]
 NUM_IMAGES = 24
 
 
-def run(script, *args):
+def launch(script, *args):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, str(REPO / "examples" / script), *map(str, args)], capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run([sys.executable, str(REPO / "examples" / script), *map(str, args)], capture_output=True, text=True, env=env, timeout=600)
+
+
+def run(script, *args):
+    result = launch(script, *args)
     assert result.returncode == 0, result.stderr[-4000:]
     return result.stdout + result.stderr
+
+
+def refused(script, *args):
+    """The last stderr line of a run that must stop on a user error: exit status 2, no traceback."""
+    result = launch(script, *args)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-4000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: "), last
+    return last
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +94,22 @@ def test_pretokenize_writes_resumable_shards(image_data, tmp_path):
     assert "2 shards already written" in log
     assert shards[1].exists() and shards[0].stat().st_mtime_ns == mtimes[shards[0].name]
     assert datasets.load_dataset(str(out), split="train").num_rows == 2 * NUM_IMAGES
+    # What the shards were made from, for resuming and for train_rar.py.
+    metadata = json.loads((out / "rar_pretokenized-train.json").read_text())
+    made = metadata["fingerprint"]
+    assert metadata["complete"] and metadata["num_rows"] == 2 * NUM_IMAGES
+    assert (made["resolution"], made["augmentation"], made["num_shards"]) == (16, "center_flip", 3)
+    assert (made["image_seq_len"], made["latent_size"], made["codebook_size"]) == (16, [4, 4], 16)
+    assert made["class_names"] == ["0", "1", "2"] and len(made["tokenizer"]["weights_sha256"]) == 64
+    assert rows.features["label"].names == ["0", "1", "2"]  # the shards keep the ClassLabel
+    # A re-run with other settings is refused and leaves the shards alone.
+    args[args.index("--num_shards") + 1] = 2
+    line = refused("pretokenize.py", *args)
+    assert f"--output_dir {out} holds train shards made with other settings (num_shards: 3 then, 2 now)" in line
+    args[args.index("--num_shards") + 1] = 3
+    args[args.index("--augmentation") + 1] = "center"
+    assert 'augmentation: "center_flip" then, "center" now' in refused("pretokenize.py", *args)
+    assert sorted((out / "data").glob("*.parquet")) == shards
 
 
 def test_pretokenize_imports_the_official_jsonl(tmp_path):
@@ -90,6 +119,22 @@ def test_pretokenize_imports_the_official_jsonl(tmp_path):
     rows = datasets.load_dataset(str(tmp_path / "out"), split="train")
     assert rows.num_rows == 10 and sorted(rows["label"]) == sorted(i % 5 for i in range(10))
     assert sorted(r[0] for r in rows["tokens"]) == list(range(10))
+    line = refused("pretokenize.py", "--official_jsonl", tmp_path / "maskgitvq.jsonl", "--num_shards", 3, "--output_dir", tmp_path / "out")
+    assert "num_shards: 2 then, 3 now" in line
+    # Shards from before the metadata existed are not resumed blindly either.
+    (tmp_path / "out" / "rar_pretokenized-train.json").unlink()
+    line = refused("pretokenize.py", "--official_jsonl", tmp_path / "maskgitvq.jsonl", "--num_shards", 2, "--output_dir", tmp_path / "out")
+    assert "holds 2 train shards but no rar_pretokenized-train.json" in line
+
+
+def test_a_corrupted_official_jsonl_is_an_error_naming_the_file_and_line(tmp_path):
+    good = json.dumps({"class_id": 1, "tokens": [1, 2, 3, 4]})
+    (tmp_path / "bad.jsonl").write_text(good + "\n" + good[:20] + "\n")
+    line = refused("pretokenize.py", "--official_jsonl", tmp_path / "bad.jsonl", "--output_dir", tmp_path / "out")
+    assert f"{tmp_path / 'bad.jsonl'}:2: not valid JSON" in line
+    (tmp_path / "binary.jsonl").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    line = refused("pretokenize.py", "--official_jsonl", tmp_path / "binary.jsonl", "--output_dir", tmp_path / "out2")
+    assert f"{tmp_path / 'binary.jsonl'}: not a text jsonl file" in line
 
 
 def test_training_on_streamed_images_tokenised_on_the_fly(image_data, tmp_path):
@@ -138,3 +183,48 @@ def test_resuming_streamed_training_with_flips_reproduces_the_uninterrupted_run(
     assert [r["step"] for r in resumed] == list(range(1, 9))
     for a, b in zip(full[4:], resumed[4:]):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7), (a, b)
+
+
+def test_training_on_pretokenized_shards_takes_sizes_and_names_from_their_metadata(image_data, tmp_path):
+    tokens = tmp_path / "tokens"
+    run("pretokenize.py", "--dataset_name", image_data / "train.parquet", "--vqvae", image_data / "vqvae", "--resolution", 16,
+        "--augmentation", "center", "--num_shards", 2, "--output_dir", tokens)  # fmt: skip
+    # No --resolution (its default, 256, would mean 64x64 tokens with this tokenizer): the metadata says 4x4.
+    common = ["--pretokenized_dataset", tokens, "--model_config", image_data / "config.json", "--train_batch_size", 4,
+              "--max_train_steps", 2, "--lr_warmup_steps", 1, "--report_to", "none"]  # fmt: skip
+    run("train_rar.py", *common, "--vqvae", image_data / "vqvae", "--output_dir", tmp_path / "run")
+    from rar_hf.pipeline_rar import RARPipeline
+
+    pipe = RARPipeline.from_pretrained(tmp_path / "run")
+    config = pipe.transformer.config
+    assert (config.codebook_size, config.image_seq_len, list(config.latent_size)) == (16, 16, [4, 4])
+    assert pipe.id2label == {0: "0", 1: "1", 2: "2"}
+    # Another tokenizer of the same shape would decode these tokens into other images.
+    torch.manual_seed(1)
+    MaskGITVQModel(hidden_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, latent_channels=8, codebook_size=16,
+                   sample_size=16).save_pretrained(tmp_path / "other")  # fmt: skip
+    line = refused("train_rar.py", *common, "--vqvae", tmp_path / "other", "--output_dir", tmp_path / "run2")
+    assert f"--vqvae {tmp_path / 'other'} is not the tokenizer --pretokenized_dataset {tokens} was made with" in line
+
+
+def test_class_names_and_count_come_from_an_image_folder(image_data, tmp_path):
+    rng = np.random.default_rng(1)
+    for name, level in (("cat", 40), ("dog", 200)):
+        (tmp_path / "pets" / "train" / name).mkdir(parents=True)
+        for i in range(6):
+            pixels = np.full((16, 16, 3), level, dtype=np.uint8) + rng.integers(0, 30, (16, 16, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "pets" / "train" / name / f"{i}.png")
+    broken = tmp_path / "pets" / "train" / "dog" / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)  # a PNG cut short
+    config = {k: v for k, v in json.loads((image_data / "config.json").read_text()).items() if k != "num_classes"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    log = run("train_rar.py", "--dataset_name", tmp_path / "pets", "--vqvae", image_data / "vqvae", "--resolution", 16,
+              "--model_config", tmp_path / "config.json", "--train_batch_size", 4, "--max_train_steps", 2,
+              "--lr_warmup_steps", 1, "--report_to", "none", "--output_dir", tmp_path / "run")  # fmt: skip
+    assert f"skipping an undecodable image (1 so far): {broken}" in log
+    from rar_hf.pipeline_rar import RARPipeline
+
+    pipe = RARPipeline.from_pretrained(tmp_path / "run")
+    assert pipe.transformer.config.num_classes == 2 and pipe.id2label == {0: "cat", 1: "dog"}
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe(class_labels=["cat"], generator=torch.Generator().manual_seed(0), output_type="np").images.shape == (1, 16, 16, 3)

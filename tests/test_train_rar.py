@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import torchrun
 from rar_hf.data import randomness_ratio
@@ -45,7 +46,7 @@ def tiny_data(tmp_path_factory):
     return root
 
 
-def run_training(data_dir, output_dir, *extra, launcher=None, env=None):
+def launch(data_dir, output_dir, *extra, launcher=None, env=None):
     args = [
         "--pretokenized_dataset", str(data_dir / "train.parquet"),
         "--model_config", str(data_dir / "config.json"),
@@ -59,9 +60,26 @@ def run_training(data_dir, output_dir, *extra, launcher=None, env=None):
     ]  # fmt: skip
     command = (launcher or [sys.executable]) + [str(SCRIPT)] + args
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    result = subprocess.run(command, capture_output=True, text=True, env=full_env, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
+    return subprocess.run(command, capture_output=True, text=True, env=full_env, timeout=600)
+
+
+def read_metrics(output_dir):
     return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def run_training(data_dir, output_dir, *extra, launcher=None, env=None):
+    result = launch(data_dir, output_dir, *extra, launcher=launcher, env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return read_metrics(output_dir)
+
+
+def assert_refused(result, *fragments):
+    """A user error: exit status 2 and one line on stderr (no traceback) holding every fragment."""
+    assert result.returncode == 2, result.stderr[-4000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "Traceback" not in result.stderr, result.stderr[-4000:]
+    for fragment in fragments:
+        assert fragment in last, last
 
 
 def test_training_learns_and_follows_the_annealing_schedule(tiny_data, tmp_path):
@@ -83,21 +101,97 @@ def test_training_learns_and_follows_the_annealing_schedule(tiny_data, tmp_path)
     assert model.config.codebook_size == 16 and model.config.num_classes == 4
 
 
-def test_resume_reproduces_the_uninterrupted_run(tiny_data, tmp_path):
-    common = ["--max_train_steps", "8", "--anneal_start", "2", "--anneal_end", "6", "--logging_steps", "1"]
-    full = run_training(tiny_data, tmp_path / "full", *common, "--checkpointing_steps", "4")
-    # A run killed after its step-4 checkpoint holds exactly that checkpoint (and maybe a half-written one).
-    resumed_dir = tmp_path / "resumed"
-    resumed_dir.mkdir()
-    shutil.copytree(tmp_path / "full" / "checkpoint-4", resumed_dir / "checkpoint-4")
-    shutil.copytree(tmp_path / "full" / "checkpoint-4", resumed_dir / ".checkpoint-8.tmp")  # an interrupted save
-    (resumed_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in full[:5]))  # one step past it
-    resumed = run_training(
-        tiny_data, resumed_dir, *common, "--checkpointing_steps", "4", "--resume_from_checkpoint", "latest"
-    )
+RESUME_ARGS = ["--max_train_steps", "8", "--anneal_start", "2", "--anneal_end", "6", "--logging_steps", "1",
+               "--checkpointing_steps", "4", "--use_ema", "--ema_decay", "0.9"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_data, tmp_path_factory):
+    """An uninterrupted 8-step run with checkpoints at steps 4 and 8: the reference of every resume test."""
+    out = tmp_path_factory.mktemp("full") / "run"
+    run_training(tiny_data, out, *RESUME_ARGS)
+    return out
+
+
+def interrupted_copy(full_run, folder, last_step):
+    """The folder of a run killed after its step-4 checkpoint, having logged up to `last_step`."""
+    folder.mkdir()
+    shutil.copytree(full_run / "checkpoint-4", folder / "checkpoint-4")
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in read_metrics(full_run)[:last_step]))
+    return folder
+
+
+def assert_same_run(full_run, resumed_dir):
+    full, resumed = read_metrics(full_run), read_metrics(resumed_dir)
     assert [r["step"] for r in resumed] == list(range(1, 9))
     for a, b in zip(full[4:], resumed[4:]):
         assert a["loss"] == b["loss"] and a["randomness_ratio"] == b["randomness_ratio"] and a["lr"] == b["lr"]
+    from safetensors.torch import load_file
+
+    expected = load_file(full_run / "transformer" / "model.safetensors")  # the EMA weights
+    for name, value in load_file(resumed_dir / "transformer" / "model.safetensors").items():
+        assert torch.equal(value, expected[name]), name
+
+
+def test_resume_reproduces_the_uninterrupted_run(tiny_data, full_run, tmp_path):
+    resumed_dir = interrupted_copy(full_run, tmp_path / "resumed", 5)  # logged one step past its checkpoint
+    shutil.copytree(full_run / "checkpoint-4", resumed_dir / ".checkpoint-8.tmp")  # an interrupted save
+    run_training(tiny_data, resumed_dir, *RESUME_ARGS, "--resume_from_checkpoint", "latest")
+    assert_same_run(full_run, resumed_dir)
+    assert not list(resumed_dir.glob("checkpoint-*/custom_checkpoint_*"))  # nothing pickled
+
+
+@pytest.mark.parametrize("stage", ["state", "replace"])
+def test_a_run_killed_while_saving_resumes_exactly(tiny_data, full_run, tmp_path, stage):
+    # The run resumed from checkpoint-4 is SIGKILLed while it saves checkpoint-8: after accelerate's files are
+    # written (its EMA state not yet), or, replacing an older checkpoint-8, with that one set aside and the new one
+    # not yet in place. It had also just begun a metrics line.
+    folder = interrupted_copy(full_run, tmp_path / "run", 4)
+    if stage == "replace":
+        shutil.copytree(full_run / "checkpoint-8", folder / "checkpoint-8")
+    killed = launch(tiny_data, folder, *RESUME_ARGS, "--resume_from_checkpoint", str(folder / "checkpoint-4"),
+                    env={"RAR_HF_TEST_KILL_DURING_SAVE": f"8:{stage}"})  # fmt: skip
+    assert killed.returncode == -9, killed.stderr[-4000:]
+    assert [p.name for p in folder.glob("checkpoint-*")] == ["checkpoint-4"]
+    with (folder / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 9, "lo')
+    run_training(tiny_data, folder, *RESUME_ARGS, "--resume_from_checkpoint", "latest")
+    assert_same_run(full_run, folder)
+
+
+def test_a_fresh_run_never_mixes_with_the_run_in_its_folder(tiny_data, full_run, tmp_path):
+    folder = tmp_path / "run"
+    shutil.copytree(full_run, folder)
+    before = (folder / "metrics.jsonl").read_text()
+    refused = launch(tiny_data, folder, "--max_train_steps", "3", "--checkpointing_steps", "3")
+    assert_refused(refused, f"--output_dir {folder} is not empty", "--resume_from_checkpoint latest", "--overwrite_output_dir")
+    assert (folder / "metrics.jsonl").read_text() == before and (folder / "checkpoint-8").is_dir()
+    records = run_training(tiny_data, folder, "--max_train_steps", "3", "--checkpointing_steps", "3", "--logging_steps", "1",
+                           "--overwrite_output_dir")  # fmt: skip
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert sorted(p.name for p in folder.glob("checkpoint-*")) == ["checkpoint-3"]
+    assert json.loads((folder / "train_summary.json").read_text())["global_step"] == 3
+
+
+def test_a_planted_payload_in_a_checkpoint_stops_the_resume_and_runs_nothing(tiny_data, full_run, tmp_path):
+    folder = tmp_path / "run"
+    shutil.copytree(full_run / "checkpoint-8", folder / "checkpoint-8")
+    marker = tmp_path / "pwned"
+    payload = f"import os, pickle\nclass P:\n    def __reduce__(self):\n        return (os.system, ('touch {marker}',))\n"
+    payload += f"open({str(folder / 'checkpoint-8' / 'ema.safetensors')!r}, 'wb').write(pickle.dumps(P()))"
+    subprocess.run([sys.executable, "-c", payload], check=True)
+    result = launch(tiny_data, folder, *RESUME_ARGS, "--resume_from_checkpoint", "latest")
+    assert_refused(result, str(folder / "checkpoint-8" / "ema.safetensors"))
+    assert not marker.exists()
+
+
+def test_ranks_launched_without_a_process_group_are_refused(tiny_data, tmp_path):
+    # Two ranks on a CPU-only machine without ACCELERATE_USE_CPU: accelerate sees one process in each, so each would
+    # train alone on all the data into the same folder (library-notes "accelerate on CPU").
+    result = launch(tiny_data, tmp_path / "run", "--max_train_steps", "2", launcher=torchrun(2), env={"ACCELERATE_USE_CPU": "false"})
+    assert result.returncode != 0
+    assert "error: WORLD_SIZE=2 but this process trains alone" in result.stderr and "ACCELERATE_USE_CPU=true" in result.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 def test_two_processes_train_in_sync_on_different_data(tiny_data, tmp_path):
@@ -173,3 +267,18 @@ def test_push_to_hub_uploads_every_checkpoint_before_rotation_deletes_it(tiny_da
     assert {"transformer/config.json", "transformer/model.safetensors"} <= set(final["files"])
     assert "checkpoint-*" in final["ignore_patterns"]
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-6"]
+
+
+def test_labels_outside_the_model_and_corrupted_shards_stop_before_the_first_step(tiny_data, tmp_path):
+    # tiny_data's labels are 0..3 (plain ints); a config of 3 classes cannot take them.
+    config = {**TINY, "num_classes": 3}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    result = launch(tiny_data, tmp_path / "run", "--max_train_steps", "2", "--model_config", str(tmp_path / "config.json"))
+    assert_refused(result, f"--pretokenized_dataset {tiny_data / 'train.parquet'} has labels up to 3 but the model has 3 classes (0..2)")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    data = (tiny_data / "train.parquet").read_bytes()
+    shard = tmp_path / "shards" / "data" / "train-00000-of-00001.parquet"
+    shard.parent.mkdir(parents=True)
+    shard.write_bytes(data[: len(data) // 2])
+    result = launch(tmp_path / "shards", tmp_path / "run2", "--pretokenized_dataset", str(tmp_path / "shards"), "--max_train_steps", "2")
+    assert_refused(result, f"{shard} is corrupted or not a parquet file")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 datasets = pytest.importorskip("datasets")
@@ -125,7 +126,27 @@ def test_ema_weights_are_saved(train_vqgan, digits_dir, tmp_path):
     run(train_vqgan, digits_dir, tmp_path, "--use_ema", "--max_train_steps", "10")
     saved = MaskGITVQModel.from_pretrained(tmp_path)
     raw = load_file(tmp_path / "checkpoint-10" / "model.safetensors")
-    ema = torch.load(tmp_path / "checkpoint-10" / "custom_checkpoint_1.pkl", weights_only=True)
-    for (name, value), shadow in zip(saved.named_parameters(), ema["shadow_params"]):
-        torch.testing.assert_close(value, shadow, msg=name)
+    ema = load_file(tmp_path / "checkpoint-10" / "ema.safetensors")
+    assert not list((tmp_path / "checkpoint-10").glob("custom_checkpoint_*"))  # nothing pickled
+    for i, (name, value) in enumerate(saved.named_parameters()):
+        torch.testing.assert_close(value, ema[f"shadow_params.{i}"], msg=name)
     assert not torch.equal(saved.quantize.embedding.weight, raw["quantize.embedding.weight"])
+
+
+def test_a_second_run_into_the_folder_is_refused_and_a_corrupted_png_is_named(train_vqgan, digits_dir, trained, tmp_path):
+    from rar_hf.training_utils import UserInputError
+
+    before = (trained / "metrics.jsonl").read_text()
+    with pytest.raises(UserInputError, match=f"--output_dir {trained} is not empty"):
+        run(train_vqgan, digits_dir, trained)
+    assert (trained / "metrics.jsonl").read_text() == before
+    for name in ("eight", "seven"):  # an image folder of two classes
+        folder = tmp_path / "pngs" / "train" / name
+        folder.mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (16, 16), (i * 40, 0, 0)).save(folder / f"{i}.png")
+    (folder / "2.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 16)
+    args = ["--dataset_name", str(tmp_path / "pngs"), "--model_config", json.dumps(TINY_CONFIG), "--resolution", "16",
+            "--train_batch_size", "4", "--max_train_steps", "2", "--report_to", "none", "--output_dir", str(tmp_path / "out")]  # fmt: skip
+    with pytest.raises(UserInputError, match=f"{folder / '2.png'}: not a decodable image"):
+        train_vqgan.main(train_vqgan.parse_args(args))

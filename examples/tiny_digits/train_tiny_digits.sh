@@ -27,7 +27,8 @@ fi
 [ -f "$OUT/vqgan/config.json" ] || $PYTHON examples/train_vqgan.py --dataset_name "$OUT/data" --resolution 32 \
   --model_config examples/tiny_digits/vqgan_config.json --train_batch_size 64 --max_train_steps 500 \
   --learning_rate 1e-3 --lr_warmup_steps 20 --codebook_restart_steps 100 --logging_steps 50 \
-  --checkpointing_steps 250 --validation_split test --seed $SEED --output_dir "$OUT/vqgan" --report_to none
+  --checkpointing_steps 250 --validation_split test --seed $SEED --output_dir "$OUT/vqgan" --report_to none \
+  --resume_from_checkpoint latest
 
 # 3. Pre-tokenise the training split (centre crop only: digits must not be mirrored).
 [ -d "$OUT/tokens/data" ] || $PYTHON examples/pretokenize.py --dataset_name "$OUT/data" --vqvae "$OUT/vqgan" \
@@ -38,6 +39,7 @@ $PYTHON examples/train_rar.py --pretokenized_dataset "$OUT/tokens" --vqvae "$OUT
   --model_config examples/tiny_digits/rar_config.json --train_batch_size 64 --max_train_steps $RAR_STEPS \
   --learning_rate 1e-3 --lr_warmup_steps 200 --weight_decay 0.03 "${anneal[@]}" --class_dropout_prob 0.1 \
   --logging_steps 100 --checkpointing_steps 1000 --checkpoints_total_limit 1 --report_to none --seed $SEED \
+  --resume_from_checkpoint latest \
   --output_dir "$OUT/rar-$ANNEAL"
 
 # 5. Measure it and package it with its model card.

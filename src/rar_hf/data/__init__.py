@@ -12,11 +12,15 @@ from .transforms import ImageTransform, center_crop_arr, random_flip, ten_crop_a
 
 _DATASETS_EXPORTS = (
     "SkipCounter",
+    "class_names",
     "decode_images",
     "load_image_dataset",
     "load_pretokenized_dataset",
+    "pretokenized_metadata_path",
     "read_official_jsonl",
+    "read_pretokenized_metadata",
     "split_and_shuffle",
+    "tokenizer_fingerprint",
 )
 
 __all__ = [

@@ -55,10 +55,10 @@ class SkipCounter:
     count: int = 0
     last_error: str | None = None
 
-    def record(self, error: BaseException) -> None:
-        """Count one skipped image and remember why."""
+    def record(self, error: BaseException, source: str | None = None) -> None:
+        """Count one skipped image (from file `source`, when it has one) and remember why."""
         self.count += 1
-        self.last_error = f"{type(error).__name__}: {error}"
+        self.last_error = f"{source + ': ' if source else ''}{type(error).__name__}: {error}"
         logger.warning("skipping an undecodable image (%d so far): %s", self.count, self.last_error)
 
 
@@ -210,6 +210,20 @@ def _open_image(value: Any) -> Image.Image:
     return image
 
 
+def image_source(value: Any) -> str | None:
+    """The file an undecoded ``datasets`` image came from, if it has one (image folders do, embedded bytes not)."""
+    return value.get("path") if isinstance(value, dict) else getattr(value, "filename", None) or None
+
+
+def open_image_or_raise(value: Any, where: str = "an image") -> Image.Image:
+    """Decode an image like :func:`decode_images` does, but raise a ``ValueError`` naming its file when it is
+    corrupted (for training loops that cannot skip a row of a map-style dataset)."""
+    try:
+        return _open_image(value)
+    except _DECODE_ERRORS as error:
+        raise ValueError(f"{image_source(value) or where}: not a decodable image ({type(error).__name__}: {error})") from None
+
+
 class _Decoder:
     """Batched ``datasets`` map function: decodes and transforms images, dropping undecodable rows.
 
@@ -226,7 +240,7 @@ class _Decoder:
             try:
                 image = _open_image(value)
             except _DECODE_ERRORS as error:
-                self.skip_counter.record(error)
+                self.skip_counter.record(error, image_source(value))
                 continue
             pixel_values.append(self.transform(image))
             labels.append(int(label))
@@ -340,3 +354,44 @@ def load_pretokenized_dataset(
         )
     ds = _load(path_or_id, split, streaming, data_files, load_kwargs)
     return _standard_columns(ds, {tokens_column: "tokens", label_column: "label"}, path_or_id)
+
+
+# ---- what pre-tokenised shards were made from ----
+
+PRETOKENIZED_METADATA = "rar_pretokenized-{split}.json"
+
+
+def pretokenized_metadata_path(folder: str | os.PathLike, split: str) -> str:
+    """Where examples/pretokenize.py records how the `split` shards of `folder` were made."""
+    return os.path.join(os.fspath(folder), PRETOKENIZED_METADATA.format(split=split))
+
+
+def read_pretokenized_metadata(folder: str | os.PathLike, split: str) -> dict | None:
+    """The metadata examples/pretokenize.py wrote beside the `split` shards of a local `folder`, or None (a Hub id,
+    files, or a folder made otherwise)."""
+    path = pretokenized_metadata_path(folder, split) if os.path.isdir(os.fspath(folder)) else None
+    if path is None or not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as handle:
+            metadata = json.load(handle)
+        metadata["fingerprint"]["image_seq_len"], metadata["fingerprint"]["codebook_size"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{path}: not a valid pre-tokenisation metadata file ({type(error).__name__}: {error})") from None
+    return metadata
+
+
+def tokenizer_fingerprint(vqvae) -> dict:
+    """Hashes of a tokenizer's config and weights: tokens are only comparable when both are equal."""
+    config = json.dumps({k: v for k, v in dict(vqvae.config).items() if not k.startswith("_")}, sort_keys=True, default=str)
+    weights = hashlib.sha256()
+    for name, tensor in sorted(vqvae.state_dict().items()):
+        weights.update(name.encode())
+        weights.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return {"config_sha256": hashlib.sha256(config.encode()).hexdigest(), "weights_sha256": weights.hexdigest()}
+
+
+def class_names(ds: Dataset | IterableDataset, column: str = "label") -> list[str] | None:
+    """The names of a ``datasets.ClassLabel`` column, or None when the column holds plain integers."""
+    feature = (ds.features or {}).get(column)
+    return list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
