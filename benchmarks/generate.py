@@ -184,8 +184,8 @@ def parse_args(argv=None):
     p.add_argument("--no_prepack", action="store_true",
                    help="generate(prepack_weights=False): plain F.linear instead of oneDNN-prepacked weights on CPU.")
     p.add_argument("--prepack_once", action="store_true",
-                   help="Pack the weights once around all runs (rar_hf.prepacked_linear_weights), as a loop of "
-                        "generate calls would, instead of once per call.")
+                   help="Pack the weights in a rar_hf.prepacked_linear_weights block around all runs (restored "
+                        "after them); without it generate() packs at the first call and keeps them packed.")
     p.add_argument("--guidance_scale", type=float, default=2.0, help="CFG scale; != 1 doubles the batch.")
     p.add_argument("--guidance_scale_pow", type=float, default=0.0, help="pow-cosine exponent (no effect on speed).")
     p.add_argument("--temperature", type=float, default=1.0, help="Sampling temperature.")
@@ -314,7 +314,7 @@ def main(argv=None):
             "compile": "compile" if args.compile and impl == "hf" else "eager",
             "compile_mode": args.compile_mode if impl == "hf" else None, "guidance_scale": args.guidance_scale,
             "prepack": (impl == "hf" and not args.no_prepack and device.type == "cpu") and (
-                "once" if args.prepack_once else "per call"),
+                "once" if args.prepack_once else "kept across calls"),
             "num_tokens": num_tokens, "image_seq_len": length, "extrapolated": num_tokens < length,
             "decode": args.decode, "tf32": args.tf32, "seconds": seconds, "all_seconds": times,
             "tokens_per_s": args.batch_size * num_tokens / seconds,
