@@ -8,14 +8,19 @@ PIP := $(PY) -m pip
 LOCAL_WHEELS ?= /opt/wheels
 TORCH_LOCAL ?= torch==2.13.0
 PYTEST_ARGS ?=
+# tests/test_app.py drives the demo in Debian's Chromium through its chromedriver (never a downloaded browser).
+CHROMIUM ?= /usr/bin/chromium
+CHROMEDRIVER ?= /usr/bin/chromedriver
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 export HF_HUB_OFFLINE = 1
 export HF_DATASETS_OFFLINE = 1
 export TRANSFORMERS_OFFLINE = 1
 export TOKENIZERS_PARALLELISM = false
 export PYTHONUNBUFFERED = 1
+export GRADIO_ANALYTICS_ENABLED = False
 
-.PHONY: demo test tiny-digits bench clean-venv
+.PHONY: demo app test browser tiny-digits bench clean-venv
 
 $(VENV)/.installed: setup.cfg constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -23,13 +28,21 @@ $(VENV)/.installed: setup.cfg constraints.txt
 	@if ls $(LOCAL_WHEELS)/torch-2.13.0* >/dev/null 2>&1; then \
 		$(PIP) install -q --find-links $(LOCAL_WHEELS) "$(TORCH_LOCAL)"; \
 	fi
-	$(PIP) install -q -c constraints.txt -e ".[test,train,eval,digits]"
+	$(PIP) install -q -c constraints.txt -e ".[test,train,eval,digits,demo]"
 	touch $@
 
 demo: $(VENV)/.installed
 	$(PY) examples/generate.py --output_path outputs/demo.png
 
-test: $(VENV)/.installed
+app: $(VENV)/.installed
+	$(PY) app.py
+
+browser:
+	@if [ ! -x $(CHROMIUM) ] || [ ! -x $(CHROMEDRIVER) ]; then \
+		$(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver; \
+	fi
+
+test: $(VENV)/.installed browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 tiny-digits: $(VENV)/.installed

@@ -86,7 +86,7 @@ def main(argv=None):
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
     images = pipe(
         class_labels=class_ids,
-        num_images_per_label=args.num_images_per_label,
+        num_images_per_prompt=args.num_images_per_label,
         guidance_scale=args.guidance_scale,
         guidance_schedule=args.guidance_schedule,
         guidance_scale_pow=args.guidance_scale_pow,

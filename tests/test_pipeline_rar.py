@@ -15,7 +15,8 @@ from PIL import Image
 from rar_hf import RARConfig, RARForImageGeneration
 from rar_hf.convert import main as convert_main
 from rar_hf.modeling_maskgit_vqgan import MaskGITVQModel
-from rar_hf.pipeline_rar import RARPipeline, RARPipelineOutput, RARSamplingLogitsProcessor
+from rar_hf.generation_rar import RARSamplingLogitsProcessor
+from rar_hf.pipeline_rar import RARPipeline, RARPipelineOutput
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,9 +79,9 @@ def test_output_types_and_decoding(pipe):
 
 
 def test_seeded_generator_reproduces_and_seeds_differ(pipe):
-    first = pipe([0, 1], num_images_per_label=2, generator=seeded(0), output_type="tokens").tokens
-    again = pipe([0, 1], num_images_per_label=2, generator=seeded(0), output_type="tokens").tokens
-    other = pipe([0, 1], num_images_per_label=2, generator=seeded(1), output_type="tokens").tokens
+    first = pipe([0, 1], num_images_per_prompt=2, generator=seeded(0), output_type="tokens").tokens
+    again = pipe([0, 1], num_images_per_prompt=2, generator=seeded(0), output_type="tokens").tokens
+    other = pipe([0, 1], num_images_per_prompt=2, generator=seeded(1), output_type="tokens").tokens
     assert torch.equal(first, again)
     assert not torch.equal(first, other)
     # torch's global RNG drives generator=None, so manual_seed reproduces too.
@@ -92,12 +93,24 @@ def test_seeded_generator_reproduces_and_seeds_differ(pipe):
 
 def test_generator_list_makes_each_image_independent_of_the_batch(pipe):
     generators = [seeded(seed) for seed in (10, 11, 12, 13)]
-    batch = pipe([0, 1], num_images_per_label=2, generator=generators, output_type="tokens").tokens
+    batch = pipe([0, 1], num_images_per_prompt=2, generator=generators, output_type="tokens").tokens
     # Images are laid out label by label, [0, 0, 1, 1]: the last two alone, with their own generators.
-    alone = pipe([1], num_images_per_label=2, generator=[seeded(12), seeded(13)], output_type="tokens").tokens
+    alone = pipe([1], num_images_per_prompt=2, generator=[seeded(12), seeded(13)], output_type="tokens").tokens
     assert torch.equal(batch[2:], alone)
     single = pipe(0, generator=[seeded(11)], output_type="tokens").tokens
     assert torch.equal(batch[1:2], single)
+
+
+def test_num_images_per_prompt_and_its_deprecated_alias(pipe):
+    out = pipe([0, 1], num_images_per_prompt=2, generator=seeded(6), output_type="tokens").tokens
+    assert out.shape == (4, 16)
+    with pytest.warns(FutureWarning, match="num_images_per_label.*num_images_per_prompt"):
+        old = pipe([0, 1], num_images_per_label=2, generator=seeded(6), output_type="tokens").tokens
+    assert torch.equal(old, out)
+    with pytest.raises(ValueError, match="num_images_per_prompt only"), pytest.warns(FutureWarning):
+        pipe([0], num_images_per_prompt=2, num_images_per_label=2)
+    with pytest.raises(TypeError, match="num_image_per_prompt"):
+        pipe([0], num_image_per_prompt=2)
 
 
 @pytest.mark.parametrize("options", [dict(use_cache=False), dict(cache_implementation="static")])
@@ -158,13 +171,131 @@ def test_to_dtype(pipe):
         (dict(class_labels=[3]), "out of range"),
         (dict(class_labels=["nine"]), "Unknown class name"),
         (dict(class_labels=[0], output_type="latent"), "output_type"),
-        (dict(class_labels=[0], num_images_per_label=0), "num_images_per_label"),
+        (dict(class_labels=[0], num_images_per_prompt=0), "num_images_per_prompt"),
         (dict(class_labels=[0, 1], generator=[torch.Generator()]), "generators for 2 images"),
     ],
 )
 def test_invalid_inputs_fail_before_sampling(pipe, kwargs, message):
     with pytest.raises(ValueError, match=message):
         pipe(**kwargs)
+
+
+# ------------------------------------------------------------------------------------------------ step callback
+def greedy_continuation(pipe, class_ids, tokens):
+    """Teacher-forced argmax of every position given the tokens before it (raster order, no guidance)."""
+    prompt = pipe.transformer.prepare_class_ids(class_ids)
+    with torch.no_grad():
+        logits = pipe.transformer(input_ids=torch.cat([prompt, tokens], 1)).logits
+    return logits[:, :-1].argmax(-1)
+
+
+def test_callback_on_step_end_sees_every_token_in_order(pipe):
+    calls = []
+
+    def callback(p, step, timestep, callback_kwargs):
+        assert p is pipe and timestep == step
+        calls.append((step, callback_kwargs["tokens"].clone()))
+        return {}
+
+    out = pipe([0, 2], generator=seeded(0), output_type="tokens", callback_on_step_end=callback)
+    assert [step for step, _ in calls] == list(range(16))
+    for step, tokens in calls:
+        assert tokens.shape == (2, step + 1) and tokens.dtype == torch.long
+        assert torch.equal(tokens, out.tokens[:, : step + 1])
+    # The callback observes: the same generator gives the same tokens without it.
+    assert torch.equal(out.tokens, pipe([0, 2], generator=seeded(0), output_type="tokens").tokens)
+    # Tensor inputs as diffusers validates them; an empty list gives empty callback_kwargs.
+    with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs"):
+        pipe([0], callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["latents"])
+    seen = []
+    pipe([0], generator=seeded(0), output_type="tokens", callback_on_step_end_tensor_inputs=[],
+         callback_on_step_end=lambda p, step, t, kwargs: seen.append(kwargs) or {})  # fmt: skip
+    assert seen == [{}] * 16
+
+
+@pytest.mark.parametrize("edit", ["all-so-far", "newest"])
+@pytest.mark.parametrize("cache", ["static", "dynamic", "none"])
+def test_tokens_returned_by_the_callback_are_continued_from(pipe, edit, cache):
+    cache_options = {"static": {}, "dynamic": dict(cache_implementation="dynamic"), "none": dict(use_cache=False)}[cache]
+    at_step = 6
+
+    def callback(p, step, timestep, callback_kwargs):
+        tokens = callback_kwargs["tokens"]
+        if step == at_step:
+            tokens = tokens.clone()
+            if edit == "newest":
+                tokens[:, -1] = (tokens[:, -1] + 5) % 16
+            else:  # tokens already in the KV cache change too
+                tokens = (tokens + 5) % 16
+            replaced.append(tokens)
+        return {"tokens": tokens}
+
+    replaced = []
+    # top_k=1 without guidance: each token is the model's argmax given the tokens before it.
+    options = dict(guidance_scale=1.0, top_k=1, output_type="tokens", **cache_options)
+    plain = pipe([0, 1], **options).tokens
+    out = pipe([0, 1], callback_on_step_end=callback, **options).tokens
+    assert torch.equal(out[:, : at_step + 1], replaced[0])
+    assert not torch.equal(out, plain)
+    assert torch.equal(greedy_continuation(pipe, [0, 1], out)[:, at_step + 1 :], out[:, at_step + 1 :])
+
+
+def test_callback_tokens_are_checked(pipe):
+    def wrong_shape(p, step, timestep, callback_kwargs):
+        return {"tokens": callback_kwargs["tokens"][:, :-1]}
+
+    with pytest.raises(ValueError, match=r"shape \(2, 0\) at step 0; expected \(2, 1\)"):
+        pipe([0, 1], callback_on_step_end=wrong_shape)
+    with pytest.raises(ValueError, match=r"outside \[0, 16\)"):
+        pipe([0], callback_on_step_end=lambda p, s, t, kwargs: {"tokens": kwargs["tokens"] + 16})
+
+
+def test_interrupt_returns_the_tokens_so_far_and_gray_images(pipe):
+    def stop_after_five(p, step, timestep, callback_kwargs):
+        if step == 4:
+            p._interrupt = True
+        return {}
+
+    full = pipe([0, 1], generator=seeded(2), output_type="pt")
+    out = pipe([0, 1], generator=seeded(2), output_type="pt", callback_on_step_end=stop_after_five)
+    assert pipe.interrupt
+    assert torch.equal(out.tokens, full.tokens[:, :5])
+    # 4x4 tokens of 2x2 pixels: tokens 0-4 fill the first row and one cell of the second; the rest is mid-gray.
+    assert out.images.shape == (2, 3, 8, 8)
+    assert torch.all(out.images[:, :, 4:] == 0.5) and torch.all(out.images[:, :, 2:4, 2:] == 0.5)
+    torch.testing.assert_close(out.images, pipe.decode_partial(out.tokens, output_type="pt"))
+    assert not torch.all(out.images[:, :, :2] == 0.5)
+    # The next call starts afresh.
+    assert pipe([0], generator=seeded(2), output_type="tokens").tokens.shape == (1, 16) and not pipe.interrupt
+
+
+def test_interrupt_in_another_order_marks_missing_positions(pipe):
+    def stop_after_three(p, step, timestep, callback_kwargs):
+        p._interrupt = step == 2
+        return {}
+
+    out = pipe([0], generator=seeded(3), orders="random", output_type="pt", callback_on_step_end=stop_after_three)
+    full = pipe([0], generator=seeded(3), orders="random", output_type="tokens").tokens
+    assert out.tokens.shape == (1, 16) and int((out.tokens >= 0).sum()) == 3
+    generated = out.tokens >= 0
+    assert torch.equal(out.tokens[generated], full[generated])
+    torch.testing.assert_close(out.images, pipe.decode_partial(out.tokens, output_type="pt"))
+
+
+def test_decode_partial(pipe):
+    tokens = pipe([0, 1], generator=seeded(5), output_type="tokens").tokens
+    torch.testing.assert_close(
+        pipe.decode_partial(tokens, output_type="pt"), pipe.vqvae.decode(tokens, latent_size=(4, 4)).sample
+    )
+    prefix = pipe.decode_partial(tokens[:, :8], output_type="pt")
+    assert torch.all(prefix[:, :, 4:] == 0.5) and not torch.all(prefix[:, :, :4] == 0.5)
+    holes = torch.cat([tokens[:, :8], torch.full((2, 8), -1)], 1)
+    torch.testing.assert_close(pipe.decode_partial(holes, output_type="pt"), prefix)
+    empty = pipe.decode_partial(tokens[:, :0], output_type="np")
+    assert empty.shape == (2, 8, 8, 3) and (empty == 0.5).all()
+    assert [image.size for image in pipe.decode_partial(tokens[:, :3])] == [(8, 8), (8, 8)]
+    with pytest.raises(ValueError, match=r"n <= 16"):
+        pipe.decode_partial(torch.zeros(1, 17, dtype=torch.long))
 
 
 # ------------------------------------------------------------------------------------------------ labels

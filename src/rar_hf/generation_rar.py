@@ -1,9 +1,19 @@
-"""Classifier-free guidance for RAR inside transformers' `generate()`: guidance schedules and the logits processor."""
+"""Sampling RAR inside transformers' `generate()`: guidance schedules and processor, argument checks, seeded draws
+and random orders, the non-finite-logits guard and the per-token step callback (shared by the model and the
+pipeline)."""
 
 import math
+import numbers
 
 import torch
-from transformers import LogitsProcessor
+from transformers import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 GUIDANCE_SCHEDULES = ("constant", "linear", "pow-cosine")
 
@@ -67,3 +77,242 @@ class RARClassifierFreeGuidanceLogitsProcessor(LogitsProcessor):
         cond, uncond = scores[:batch_size], scores[batch_size:]
         # Formed as u + (c - u) * s even when s == 1, as the official sampler (bit-level parity).
         return uncond + (cond - uncond) * scale
+
+
+# ------------------------------------------------------------------------------------------------ argument checks
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_sampling_arguments(
+    guidance_scale=None,
+    guidance_schedule: str | None = None,
+    guidance_scale_pow=None,
+    temperature=None,
+    top_k=None,
+    top_p=None,
+    generator=None,
+    batch_size: int | None = None,
+):
+    r"""
+    Check the sampling arguments of [`RARForImageGeneration.generate`] and [`RARPipeline`] before any compute.
+    `None` means "not given" (the config's default applies) and is always accepted.
+
+    Raises:
+        ValueError: a NaN, infinite or negative guidance scale, a NaN/infinite/negative `guidance_scale_pow`, an
+            unknown schedule (checked even when guidance is off), a temperature that is not a positive finite number,
+            a negative `top_k`, a `top_p` outside (0, 1], or a generator list whose length is not `batch_size`.
+        TypeError: a value of the wrong type, e.g. `generator=123` (a `torch.Generator` or a list of them is expected).
+    """
+
+    def number(name, value, minimum, strict=False, integer=False):
+        if value is None:
+            return
+        if integer:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"{name} must be an int, got {value!r}.")
+        elif not _is_real(value):
+            raise TypeError(f"{name} must be a number, got {value!r}.")
+        if not math.isfinite(value) or value < minimum or (strict and value == minimum):
+            bound = f"> {minimum}" if strict else f">= {minimum}"
+            raise ValueError(f"{name} must be a finite number {bound}, got {value!r}.")
+
+    number("guidance_scale", guidance_scale, 0.0)
+    number("guidance_scale_pow", guidance_scale_pow, 0.0)
+    number("temperature", temperature, 0.0, strict=True)
+    number("top_k", top_k, 0, integer=True)
+    if top_p is not None:
+        if not _is_real(top_p):
+            raise TypeError(f"top_p must be a number in (0, 1], got {top_p!r}.")
+        if not 0.0 < top_p <= 1.0:  # also false for NaN
+            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}.")
+    if guidance_schedule is not None and guidance_schedule not in GUIDANCE_SCHEDULES:
+        raise ValueError(f"Unknown guidance schedule {guidance_schedule!r}; expected one of {GUIDANCE_SCHEDULES}.")
+    if generator is None or isinstance(generator, torch.Generator):
+        return
+    if not isinstance(generator, (list, tuple)) or not all(isinstance(g, torch.Generator) for g in generator):
+        raise TypeError(
+            f"generator must be a torch.Generator or a list of them (one per image), got {generator!r}; "
+            "for a seed use torch.Generator().manual_seed(seed)."
+        )
+    if batch_size is not None and len(generator) != batch_size:
+        raise ValueError(f"Got {len(generator)} generators for a batch of {batch_size}: pass one per row, or one.")
+
+
+# ------------------------------------------------------------------------------------------------ seeded sampling
+def _per_row(generator, batch_size: int) -> list:
+    return list(generator) if isinstance(generator, (list, tuple)) else [generator] * batch_size
+
+
+def random_orders(batch_size: int, length: int, generator=None, device=None) -> torch.LongTensor:
+    """One random generation order (a permutation of `[0, length)`) per row, drawn from that row's generator (or
+    from torch's global RNG when `generator` is `None`), on each generator's device, then moved to `device`."""
+    orders = [
+        torch.randperm(length, generator=g, device=g.device if g is not None else None)
+        for g in _per_row(generator, batch_size)
+    ]
+    return torch.stack([order.to(device) for order in orders])
+
+
+class RARSamplingLogitsProcessor(LogitsProcessor):
+    r"""
+    Draws the next token with the caller's random generator(s) and returns scores that are `-inf` everywhere except
+    at the drawn token, so that `generate(do_sample=False)` (greedy) emits exactly that token.
+
+    transformers' own sampling (`do_sample=True`) draws from the global RNG with `torch.multinomial`, and its
+    temperature / top-k / top-p warpers run after every custom processor, so a processor cannot both see the warped
+    distribution and control the draw. This one does both: it applies the warpers in generate's order (temperature,
+    top-k, top-p) and then draws with the Gumbel-max trick, `argmax(scores + Gumbel noise)`, which samples from
+    `softmax(scores)`. [`RARForImageGeneration.generate`] uses it whenever a `generator` is given.
+
+    Args:
+        generator (`torch.Generator`, `list[torch.Generator]` or `None`): one generator for the whole batch (the
+            draws depend on the batch layout), one per row (each row's draws depend only on its own generator), or
+            `None` for torch's global RNG.
+        temperature (`float`, defaults to 1.0): softmax temperature.
+        top_k (`int`, *optional*): keep only the `top_k` most likely tokens (0 or `None`: all).
+        top_p (`float`, *optional*): keep the smallest set of tokens whose probability reaches `top_p`.
+        keep_scores (`bool`, defaults to `False`): keep each step's warped scores in `self.scores` (what
+            `output_scores=True` should report, rather than the one-hot rows returned to generate).
+    """
+
+    def __init__(
+        self,
+        generator=None,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        keep_scores: bool = False,
+    ):
+        check_sampling_arguments(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        self.generator = generator
+        self.warpers = LogitsProcessorList()
+        if temperature != 1.0:
+            self.warpers.append(TemperatureLogitsWarper(temperature))
+        if top_k:
+            self.warpers.append(TopKLogitsWarper(top_k))
+        if top_p is not None and top_p < 1.0:
+            self.warpers.append(TopPLogitsWarper(top_p))
+        self.scores = [] if keep_scores else None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scores = self.warpers(input_ids, scores)
+        if self.scores is not None:
+            self.scores.append(scores)
+        tokens = (scores + self._gumbel_noise(scores)).argmax(dim=-1)
+        drawn = torch.full_like(scores, -float("inf"))
+        return drawn.scatter_(1, tokens[:, None], 0.0)
+
+    def _gumbel_noise(self, scores: torch.Tensor) -> torch.Tensor:
+        batch_size, vocab_size = scores.shape
+        # Drawn on each generator's own device (as diffusers' randn_tensor does), so a CPU generator makes the same
+        # draws whatever device the model runs on.
+        if isinstance(self.generator, (list, tuple)):
+            if len(self.generator) != batch_size:
+                raise ValueError(f"Got {len(self.generator)} generators for a batch of {batch_size} rows.")
+            uniform = torch.stack([torch.rand(vocab_size, generator=g, device=g.device) for g in self.generator])
+        elif self.generator is not None:
+            uniform = torch.rand(scores.shape, generator=self.generator, device=self.generator.device)
+        else:
+            uniform = torch.rand(scores.shape, device=scores.device)
+        # torch.rand is in [0, 1): a 0 gives -inf noise (that token is skipped), never NaN.
+        return -torch.log(-torch.log(uniform.to(scores.device)))
+
+
+# ------------------------------------------------------------------------------------------------ non-finite logits
+class NonFiniteLogitsError(ValueError):
+    """The model's logits held NaN or inf during sampling (bad weights or a dtype overflow)."""
+
+
+NON_FINITE_LOGITS_MESSAGE = (
+    "The model produced non-finite logits (NaN or inf) while sampling{where}, so every token drawn from them would be "
+    "meaningless. Likely causes: NaN/inf in the weights (a corrupted or badly converted checkpoint, a diverged "
+    "training run) or an overflow of the compute dtype (float16: use bfloat16 or float32)."
+)
+
+
+class RARFiniteLogitsCheck(LogitsProcessor):
+    r"""
+    Guards sampling against non-finite logits (without it, NaN logits silently become token 0 everywhere).
+
+    It runs first, on the model's raw logits. On a CPU it raises at the first bad step. On an accelerator it only
+    folds a flag on the device (no host synchronisation per step); call [`raise_if_non_finite`] after generation.
+    """
+
+    def __init__(self):
+        self.non_finite = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        bad = ~torch.isfinite(scores).all()
+        if scores.device.type == "cpu":
+            if bad:
+                step = input_ids.shape[1] - 1
+                raise NonFiniteLogitsError(NON_FINITE_LOGITS_MESSAGE.format(where=f" (image token {step})"))
+        else:
+            self.non_finite = bad if self.non_finite is None else self.non_finite | bad
+        return scores
+
+    def raise_if_non_finite(self):
+        if self.non_finite is not None and bool(self.non_finite):
+            raise NonFiniteLogitsError(NON_FINITE_LOGITS_MESSAGE.format(where=""))
+
+
+# ------------------------------------------------------------------------------------------------ step callback
+class RARStepCallback(StoppingCriteria):
+    r"""
+    Calls `callback(step, tokens)` once per generated token, lets it replace the tokens generated so far, and stops
+    generation when `should_stop()` turns true. What [`RARPipeline`]'s `callback_on_step_end` runs on.
+
+    It runs as a stopping criterion, right after generate appended the new token: `step` is that token's index
+    (0-based) and `tokens` a copy of the `(batch, step + 1)` image tokens so far, in generation order. When the
+    callback returns a different tensor, it is written into generate's own sequence, so the model continues from it:
+    a change to the newest token only is free (that token is not in the KV cache yet); a change to an older one
+    makes the next step re-run the model from the first changed token (see `rewind_to`, consumed by
+    `RARForImageGeneration.prepare_inputs_for_generation`, which crops the cache there).
+
+    Args:
+        callback (`Callable[[int, torch.LongTensor], torch.LongTensor | None]`): `None` keeps the tokens.
+        codebook_size (`int`): replacement tokens must lie in `[0, codebook_size)`.
+        should_stop (`Callable[[], bool]`, *optional*): checked after the callback; `True` ends generation there.
+        prompt_length (`int`, defaults to 1): the class token.
+    """
+
+    def __init__(self, callback, codebook_size: int, should_stop=None, prompt_length: int = 1):
+        self.callback = callback
+        self.codebook_size = codebook_size
+        self.should_stop = should_stop
+        self.prompt_length = prompt_length
+        self.rewind_to = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        tokens = input_ids[:, self.prompt_length :]  # a view: writing to it edits generate's sequence
+        step = tokens.shape[1] - 1
+        replaced = self.callback(step, tokens.clone())
+        if replaced is not None:
+            self._apply(tokens, replaced, step)
+        stop = bool(self.should_stop()) if self.should_stop is not None else False
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+
+    def _apply(self, tokens: torch.LongTensor, replaced, step: int):
+        if not isinstance(replaced, torch.Tensor) or replaced.is_floating_point() or replaced.is_complex():
+            raise TypeError(f"The step callback must return an integer tensor of tokens, got {replaced!r}.")
+        if tuple(replaced.shape) != tuple(tokens.shape):
+            raise ValueError(
+                f"The step callback returned tokens of shape {tuple(replaced.shape)} at step {step}; expected "
+                f"{tuple(tokens.shape)} (batch, step + 1)."
+            )
+        replaced = replaced.to(tokens.device)
+        if ((replaced < 0) | (replaced >= self.codebook_size)).any():
+            raise ValueError(f"The step callback returned tokens outside [0, {self.codebook_size}) at step {step}.")
+        changed = (replaced != tokens).any(dim=0).nonzero()
+        if changed.numel() == 0:
+            return
+        tokens.copy_(replaced)
+        first = int(changed[0])
+        if first < step:  # already in the KV cache
+            self.rewind_to = first if self.rewind_to is None else min(self.rewind_to, first)
+
+    def pop_rewind(self) -> int | None:
+        """The first cached token index that was replaced since the last call, or `None`; resets it."""
+        rewind, self.rewind_to = self.rewind_to, None
+        return rewind

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationConfig, GenerationMixin, LogitsProcessorList, PreTrainedModel
+from transformers import GenerationConfig, GenerationMixin, LogitsProcessorList, PreTrainedModel, StoppingCriteriaList
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask
@@ -15,7 +15,15 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_rar import RARConfig
-from .generation_rar import RARClassifierFreeGuidanceLogitsProcessor, guidance_scales
+from .generation_rar import (
+    RARClassifierFreeGuidanceLogitsProcessor,
+    RARFiniteLogitsCheck,
+    RARSamplingLogitsProcessor,
+    RARStepCallback,
+    check_sampling_arguments,
+    guidance_scales,
+    random_orders,
+)
 from .prepacked_linear import PrepackedLinear, pack_linear_weights, unpack_linear_weights
 
 
@@ -472,19 +480,30 @@ class RARForImageGeneration(RARPreTrainedModel, GenerationMixin):
         orders=None,
         guidance=False,
         modulation_cache=None,
+        step_callback: RARStepCallback | None = None,
         **kwargs,
     ):
         condition_ids = input_ids[:, 0]
         length = input_ids.shape[1]
         starts_sequence = cache is None or length == 1
+        rewind = step_callback.pop_rewind() if step_callback is not None else None
         if starts_sequence:
             # The whole sequence (generate() prompts are one class token): the model prepends the cls slot.
             model_input_ids = input_ids
             cache_position = torch.arange(length + 1, device=input_ids.device)
+            start = 0
+        elif rewind is not None:
+            # The step callback replaced image tokens that are already cached: drop the cache from the first of
+            # them (slot 2 + index, after cls and the condition) and feed them again with the newest token.
+            start = 2 + rewind
+            cache.crop(start - length)
+            model_input_ids = input_ids[:, 1 + rewind :]
+            cache_position = torch.arange(start, length + 1, device=input_ids.device)
         else:
             # The cache holds cls, the condition and all tokens but the newest one: `length` slots.
             model_input_ids = input_ids[:, -1:]
             cache_position = torch.tensor([length], device=input_ids.device)
+            start = length
         if guidance:
             unconditional = model_input_ids.clone()
             if starts_sequence:
@@ -495,7 +514,6 @@ class RARForImageGeneration(RARPreTrainedModel, GenerationMixin):
                 orders = torch.cat([orders, orders])
         modulations = None
         if modulation_cache is not None and cache is not None:
-            start = 0 if starts_sequence else length
             modulations = modulation_cache.modulations(self.model, condition_ids, start, cache_position.shape[0])
         return {
             "input_ids": model_input_ids,
@@ -517,13 +535,13 @@ class RARForImageGeneration(RARPreTrainedModel, GenerationMixin):
             generation_config, model_kwargs, generation_mode, batch_size, max_cache_length + 1, *args, **kwargs
         )
 
-    def _resolve_orders(self, orders, batch_size: int, device) -> torch.LongTensor | None:
+    def _resolve_orders(self, orders, batch_size: int, device, generator=None) -> torch.LongTensor | None:
         if orders is None or (isinstance(orders, str) and orders == "raster"):
             return None
         length = self.config.image_seq_len
         if isinstance(orders, str):
             if orders == "random":
-                return torch.stack([torch.randperm(length) for _ in range(batch_size)]).to(device)
+                return random_orders(batch_size, length, generator, device)
             from .data.scan_orders import get_scan_order
 
             height, width = self.config.latent_size
@@ -544,6 +562,8 @@ class RARForImageGeneration(RARPreTrainedModel, GenerationMixin):
         orders=None,
         logits_processor: LogitsProcessorList | None = None,
         prepack_weights: bool = True,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        step_callback: RARStepCallback | None = None,
         **kwargs,
     ):
         r"""
@@ -559,6 +579,15 @@ class RARForImageGeneration(RARPreTrainedModel, GenerationMixin):
             guidance_scale_pow (`float`, *optional*): exponent of the pow-cosine schedule; defaults to the config's.
             orders (`str` or `torch.LongTensor`, *optional*): generation order: `"raster"` (default), `"random"`, a
                 scan order name (see `rar_hf.data.scan_orders`) or a `(B, image_seq_len)` permutation tensor.
+            generator (`torch.Generator` or `list[torch.Generator]`, *optional*): the source of every random draw of
+                the call: the random orders (`orders="random"`) and each sampled token (with the temperature, top-k
+                and top-p of the call), so the same generator state gives the same tokens whatever the global RNG did
+                meanwhile. One generator per row makes each row depend only on its own. `None`: torch's global RNG
+                and transformers' own sampling. With `do_sample=False` only the orders are random.
+            step_callback ([`RARStepCallback`], *optional*): called after every generated token; it can replace the
+                tokens generated so far (the model continues from the replacement) and stop generation early. When it
+                stops early the sequences are shorter (`1 + n`); with a non-raster order they keep `1 + image_seq_len`
+                entries with `-1` at the positions not generated.
             prepack_weights (`bool`): on CPU, run the linear layers on oneDNN-packed float32/bfloat16 weights
                 (decoding steps about 2x faster). The packed weights replace the plain ones and stay after the call,
                 so later calls do not pack again and memory holds one copy; `state_dict()`/`save_pretrained` are
@@ -580,18 +609,40 @@ class RARForImageGeneration(RARPreTrainedModel, GenerationMixin):
         if input_ids.shape[1] != 1:
             raise ValueError(f"generate() takes one class token per row (shape (B, 1)), got {tuple(input_ids.shape)}.")
         batch_size = input_ids.shape[0]
-        orders = self._resolve_orders(orders, batch_size, input_ids.device)
+        generation_config = kwargs.get("generation_config") or self.generation_config
+        sampling = {
+            name: kwargs[name] if kwargs.get(name) is not None else getattr(generation_config, name)
+            for name in ("do_sample", "temperature", "top_k", "top_p", "output_scores")
+        }
+        check_sampling_arguments(
+            guidance_scale, guidance_schedule, guidance_scale_pow, sampling["temperature"], sampling["top_k"],
+            sampling["top_p"], generator, batch_size,
+        )  # fmt: skip
+        orders = self._resolve_orders(orders, batch_size, input_ids.device, generator)
         self._check_inputs(input_ids, orders)
         defaults = self.config.sampling_defaults
         guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
         guidance_scale_pow = defaults["guidance_scale_pow"] if guidance_scale_pow is None else guidance_scale_pow
+        check_sampling_arguments(guidance_scale=guidance_scale, guidance_scale_pow=guidance_scale_pow)  # the config's
         guidance = guidance_scale != 1.0
-        processors = LogitsProcessorList()
+        finite_check = RARFiniteLogitsCheck()  # first: it must see the model's raw logits
+        processors = LogitsProcessorList([finite_check])
         if guidance:
             scales = guidance_scales(self.config.image_seq_len, guidance_scale, guidance_schedule, guidance_scale_pow)
             processors.append(RARClassifierFreeGuidanceLogitsProcessor(scales, prompt_length=1))
         if logits_processor is not None:
             processors.extend(logits_processor)
+        sampler = None
+        if generator is not None and sampling["do_sample"]:
+            # transformers samples from the global RNG: draw in a processor instead, and let greedy read the draw.
+            sampler = RARSamplingLogitsProcessor(
+                generator, sampling["temperature"], sampling["top_k"], sampling["top_p"],
+                keep_scores=bool(sampling["output_scores"]),
+            )  # fmt: skip
+            processors.append(sampler)
+            kwargs.update(do_sample=False, temperature=1.0, top_k=0, top_p=1.0)
+        if step_callback is not None:
+            kwargs["stopping_criteria"] = StoppingCriteriaList([*(kwargs.get("stopping_criteria") or []), step_callback])
         if prepack_weights and not self.training:
             # A layout for at least 8 rows: oneDNN's layout for 1-2 rows streams the weights 3x slower at any count.
             pack_linear_weights(self, num_rows=max(8, batch_size * (2 if guidance else 1)))
@@ -603,13 +654,19 @@ class RARForImageGeneration(RARPreTrainedModel, GenerationMixin):
             orders=orders,
             guidance=guidance,
             modulation_cache=RARModulationCache(),
+            step_callback=step_callback,
             **kwargs,
         )
+        finite_check.raise_if_non_finite()
+        if sampler is not None and sampler.scores is not None and not isinstance(outputs, torch.Tensor):
+            outputs.scores = tuple(sampler.scores)  # the distributions drawn from, not the one-hot rows
         if orders is None:
             return outputs
         sequences = outputs if isinstance(outputs, torch.Tensor) else outputs.sequences
-        raster = sequences.clone()
-        raster[:, 1:].scatter_(1, orders, sequences[:, 1:])
+        # Stopped early (step callback): the positions not generated are -1.
+        raster = torch.full((batch_size, 1 + self.config.image_seq_len), -1, dtype=sequences.dtype, device=sequences.device)
+        raster[:, :1] = sequences[:, :1]
+        raster[:, 1:].scatter_(1, orders[:, : sequences.shape[1] - 1], sequences[:, 1:])
         if isinstance(outputs, torch.Tensor):
             return raster
         outputs.sequences = raster

@@ -9,15 +9,12 @@ from pathlib import Path
 
 import torch
 from diffusers import DiffusionPipeline
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
-from transformers import (
-    LogitsProcessor,
-    LogitsProcessorList,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
+from diffusers.utils import deprecate
+from transformers import LogitsProcessor, LogitsProcessorList
 
+from .generation_rar import RARSamplingLogitsProcessor, RARStepCallback, check_sampling_arguments  # noqa: F401
 from .modeling_maskgit_vqgan import MaskGITVQModel
 from .modeling_rar import RARForImageGeneration
 
@@ -48,58 +45,6 @@ class RARPipelineOutput(ImagePipelineOutput):
     """
 
     tokens: torch.LongTensor
-
-
-class RARSamplingLogitsProcessor(LogitsProcessor):
-    r"""
-    Draws the next token with the caller's random generator(s) and returns scores that are `-inf` everywhere except
-    at the drawn token, so that `generate(do_sample=False)` (greedy) emits exactly that token.
-
-    transformers' own sampling (`do_sample=True`) draws from the global RNG with `torch.multinomial`, and its
-    temperature / top-k / top-p warpers run after every custom processor, so a processor cannot both see the warped
-    distribution and control the draw. This one does both: it applies the warpers in generate's order (temperature,
-    top-k, top-p) and then draws with the Gumbel-max trick, `argmax(scores + Gumbel noise)`, which samples from
-    `softmax(scores)`.
-
-    Args:
-        generator (`torch.Generator`, `list[torch.Generator]` or `None`): one generator for the whole batch (the
-            draws depend on the batch layout), one per row (each row's draws depend only on its own generator), or
-            `None` for torch's global RNG.
-        temperature (`float`, defaults to 1.0): softmax temperature.
-        top_k (`int`, *optional*): keep only the `top_k` most likely tokens.
-        top_p (`float`, *optional*): keep the smallest set of tokens whose probability reaches `top_p`.
-    """
-
-    def __init__(self, generator=None, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None):
-        self.generator = generator
-        self.warpers = LogitsProcessorList()
-        if temperature != 1.0:
-            self.warpers.append(TemperatureLogitsWarper(temperature))
-        if top_k:
-            self.warpers.append(TopKLogitsWarper(top_k))
-        if top_p is not None and top_p < 1.0:
-            self.warpers.append(TopPLogitsWarper(top_p))
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        scores = self.warpers(input_ids, scores)
-        tokens = (scores + self._gumbel_noise(scores)).argmax(dim=-1)
-        drawn = torch.full_like(scores, -float("inf"))
-        return drawn.scatter_(1, tokens[:, None], 0.0)
-
-    def _gumbel_noise(self, scores: torch.Tensor) -> torch.Tensor:
-        batch_size, vocab_size = scores.shape
-        # Drawn on each generator's own device (as diffusers' randn_tensor does), so a CPU generator makes the same
-        # draws whatever device the model runs on.
-        if isinstance(self.generator, list):
-            if len(self.generator) != batch_size:
-                raise ValueError(f"Got {len(self.generator)} generators for a batch of {batch_size} rows.")
-            uniform = torch.stack([torch.rand(vocab_size, generator=g, device=g.device) for g in self.generator])
-        elif self.generator is not None:
-            uniform = torch.rand(scores.shape, generator=self.generator, device=self.generator.device)
-        else:
-            uniform = torch.rand(scores.shape, device=scores.device)
-        # torch.rand is in [0, 1): a 0 gives -inf noise (that token is skipped), never NaN.
-        return -torch.log(-torch.log(uniform.to(scores.device)))
 
 
 class _ProgressBarLogitsProcessor(LogitsProcessor):
@@ -153,6 +98,7 @@ class RARPipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "transformer->vqvae"
+    _callback_tensor_inputs = ["tokens"]
 
     def __init__(
         self,
@@ -169,6 +115,7 @@ class RARPipeline(DiffusionPipeline):
         if set(id2label) != set(range(num_classes)):
             raise ValueError(f"id2label must name every class id 0..{num_classes - 1} exactly once.")
         self.register_to_config(id2label=id2label)
+        self._interrupt = False
         self.id2label = id2label
         self.labels: dict[str, list[int]] = {}
         for class_id, name in sorted(id2label.items()):
@@ -235,18 +182,57 @@ class RARPipeline(DiffusionPipeline):
         Path(save_directory, f"{LOADER_MODULE_NAME}.py").write_text(_LOADER_MODULE, encoding="utf-8")
         super().save_pretrained(save_directory, **kwargs)
 
-    def _random_orders(self, batch_size: int, generator, device) -> torch.LongTensor:
-        """One random generation order per image, drawn from that image's generator."""
-        length = self.transformer.config.image_seq_len
-        generators = generator if isinstance(generator, list) else [generator] * batch_size
-        orders = [torch.randperm(length, generator=g, device=g.device if g is not None else None) for g in generators]
-        return torch.stack([order.to(device) for order in orders])
+    @property
+    def interrupt(self) -> bool:
+        """Set `pipe._interrupt = True` inside `callback_on_step_end` to stop generating after that token."""
+        return self._interrupt
+
+    @torch.no_grad()
+    def decode_partial(self, tokens: torch.LongTensor, output_type: str = "pil"):
+        r"""
+        Decode partially generated images: the positions not generated yet are shown mid-gray.
+
+        Args:
+            tokens (`torch.LongTensor` of shape `(batch, n)`): image tokens in raster order, `n <= image_seq_len`
+                (the first `n` positions of the grid), or `(batch, image_seq_len)` with `-1` at the positions not
+                generated (what an interrupted call in another order returns).
+            output_type (`str`, defaults to `"pil"`): `"pil"`, `"np"` or `"pt"`, as in [`__call__`].
+
+        Returns:
+            The images in the requested type (as `RARPipelineOutput.images`); fully generated tokens decode exactly
+            as [`__call__`] decodes them.
+        """
+        if output_type not in ("pil", "np", "pt"):
+            raise ValueError(f"output_type must be one of ('pil', 'np', 'pt'), got {output_type!r}.")
+        config = self.transformer.config
+        length = config.image_seq_len
+        if tokens.dim() != 2 or tokens.shape[1] > length:
+            raise ValueError(f"tokens must have shape (batch, n) with n <= {length}, got {tuple(tokens.shape)}.")
+        device = self.vqvae.device
+        tokens = tokens.to(device)
+        grid = torch.full((tokens.shape[0], length), -1, dtype=torch.long, device=device)
+        grid[:, : tokens.shape[1]] = tokens
+        known = grid >= 0
+        # Any valid token decodes the unknown cells; they are painted over below.
+        images = self.vqvae.decode(grid.clamp(min=0), latent_size=tuple(config.latent_size)).sample
+        if not known.all():
+            mask = known.view(-1, 1, *config.latent_size).to(images.dtype)
+            mask = torch.nn.functional.interpolate(mask, size=images.shape[-2:], mode="nearest")
+            images = images * mask + 0.5 * (1 - mask)
+        return self._to_output_type(images, output_type)
+
+    def _to_output_type(self, images: torch.Tensor, output_type: str):
+        if output_type == "pt":
+            return images
+        # float32 for numpy/PIL whatever the compute dtype (bfloat16 has no numpy equivalent).
+        images = images.cpu().permute(0, 2, 3, 1).float().numpy()
+        return self.numpy_to_pil(images) if output_type == "pil" else images
 
     @torch.no_grad()
     def __call__(
         self,
         class_labels,
-        num_images_per_label: int = 1,
+        num_images_per_prompt: int = 1,
         guidance_scale: float | None = None,
         guidance_schedule: str = "pow-cosine",
         guidance_scale_pow: float | None = None,
@@ -259,6 +245,9 @@ class RARPipeline(DiffusionPipeline):
         use_cache: bool = True,
         cache_implementation: str | None = None,
         orders=None,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs: list[str] = ["tokens"],
+        **kwargs,
     ) -> RARPipelineOutput | tuple:
         r"""
         Generate images of the given classes.
@@ -266,8 +255,9 @@ class RARPipeline(DiffusionPipeline):
         Args:
             class_labels (`int`, `str`, `None` or a list of them): class ids, class names (see [`get_label_ids`]) or
                 `None` for unconditional samples.
-            num_images_per_label (`int`, defaults to 1): images per label; the batch holds them label by label
-                (`[a, a, b, b]`), so they tile as one grid row per label.
+            num_images_per_prompt (`int`, defaults to 1): images per label; the batch holds them label by label
+                (`[a, a, b, b]`), so they tile as one grid row per label. (`num_images_per_label` is a deprecated
+                alias.)
             guidance_scale (`float`, *optional*): classifier-free guidance scale; defaults to
                 `transformer.config.sampling_defaults["guidance_scale"]` (the paper's value for official sizes).
                 `1.0` disables guidance (and halves the compute).
@@ -277,10 +267,12 @@ class RARPipeline(DiffusionPipeline):
             temperature (`float`, *optional*): sampling temperature; defaults to the config's.
             top_k (`int`, *optional*): sample only among the `top_k` most likely tokens (not used by the paper).
             top_p (`float`, *optional*): nucleus sampling threshold (not used by the paper).
-            generator (`torch.Generator` or `list[torch.Generator]`, *optional*): makes sampling deterministic. With a
-                list (one generator per image), each image depends only on its own generator and label, whatever
-                else is in the batch (up to floating-point differences between batch sizes, which can flip a
-                near-tie). `None` uses torch's global RNG.
+            generator (`torch.Generator` or `list[torch.Generator]`, *optional*): makes sampling deterministic: it
+                drives every random draw (tokens, and random orders), exactly as in
+                [`RARForImageGeneration.generate`], which the pipeline calls. With a list (one generator per image),
+                each image depends only on its own generator and label, whatever else is in the batch (up to
+                floating-point differences between batch sizes, which can flip a near-tie). `None` uses torch's
+                global RNG.
             output_type (`str`, defaults to `"pil"`): `"pil"` (list of `PIL.Image`), `"np"` (`(B, H, W, 3)` array),
                 `"pt"` (`(B, 3, H, W)` tensor) or `"tokens"` (skip decoding; `images` is `None`).
             return_dict (`bool`, defaults to `True`): return a [`RARPipelineOutput`] instead of a tuple.
@@ -289,12 +281,25 @@ class RARPipeline(DiffusionPipeline):
             orders (*optional*): generation order: `None`/`"raster"` (how RAR is used), `"random"` (one permutation
                 per image, drawn from `generator`), a scan-order name or a `(B, image_seq_len)` tensor. Orders other
                 than raster need a model whose target-aware position embedding is not folded.
+            callback_on_step_end (`Callable`, [`~diffusers.callbacks.PipelineCallback`] or
+                [`~diffusers.callbacks.MultiPipelineCallbacks`], *optional*): called once per generated token as
+                `callback_on_step_end(pipe, step, timestep, callback_kwargs) -> dict`. `step` is the index (0-based,
+                in generation order) of the token just generated; `timestep` is the same int (RAR has no scheduler);
+                `callback_kwargs` holds the tensors named in `callback_on_step_end_tensor_inputs`. Entries of the
+                returned dict replace those tensors, and generation continues from the replacement. Set
+                `pipe._interrupt = True` in the callback to stop after the current token (see Returns).
+            callback_on_step_end_tensor_inputs (`list[str]`, defaults to `["tokens"]`): the tensors passed in
+                `callback_kwargs`, among `pipe._callback_tensor_inputs`: `"tokens"` is the `(batch, step + 1)`
+                `LongTensor` of the image tokens generated so far, in generation order (raster order unless `orders`
+                says otherwise; see [`decode_partial`] to look at them).
 
         Returns:
             [`RARPipelineOutput`] with `images` and `tokens`, or the tuple `(images, tokens)` if `return_dict` is
-            `False`.
+            `False`. After an interrupt at step `n - 1`, `tokens` is `(batch, n)`, the tokens generated so far in
+            raster order (in another generation order: `(batch, image_seq_len)` with `-1` at the positions not
+            generated), and the images are [`decode_partial`] of them: the positions not generated are mid-gray.
 
-        Example:
+        Examples:
 
         ```py
         >>> import torch
@@ -302,53 +307,99 @@ class RARPipeline(DiffusionPipeline):
 
         >>> pipe = RARPipeline.from_pretrained("path/or/hub-id").to("cuda")
         >>> generator = torch.Generator("cuda").manual_seed(0)
-        >>> images = pipe(["golden retriever", 88], num_images_per_label=4, generator=generator).images
+        >>> images = pipe(["golden retriever", 88], num_images_per_prompt=4, generator=generator).images
+        ```
+
+        A live preview of the partially generated images every 32 tokens, and a stop button:
+
+        ```py
+        >>> def preview(pipe, step, timestep, callback_kwargs):
+        ...     if (step + 1) % 32 == 0:
+        ...         show(pipe.decode_partial(callback_kwargs["tokens"]))  # a list of PIL images, gray where not yet drawn
+        ...     if stop_requested():
+        ...         pipe._interrupt = True  # the call returns the partial images
+        ...     return {}
+
+        >>> images = pipe(["golden retriever"], callback_on_step_end=preview).images
         ```
         """
+        num_images_per_label = deprecate(
+            "num_images_per_label", "1.0.0", "Use `num_images_per_prompt`, diffusers' name.", take_from=kwargs
+        )
+        if num_images_per_label is not None:
+            if num_images_per_prompt != 1:
+                raise ValueError("Pass num_images_per_prompt only (num_images_per_label is its deprecated alias).")
+            num_images_per_prompt = num_images_per_label
+
         # 1. Check the inputs before any compute.
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}.")
-        if type(num_images_per_label) is not int or num_images_per_label < 1:  # `is`: bools are ints too
-            raise ValueError(f"num_images_per_label must be a positive int, got {num_images_per_label!r}.")
-        label_ids = [i for i in self.get_label_ids(class_labels) for _ in range(num_images_per_label)]
+        if type(num_images_per_prompt) is not int or num_images_per_prompt < 1:  # `is`: bools are ints too
+            raise ValueError(f"num_images_per_prompt must be a positive int, got {num_images_per_prompt!r}.")
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        if callback_on_step_end is not None and not callable(callback_on_step_end):
+            raise TypeError(f"callback_on_step_end must be callable, got {callback_on_step_end!r}.")
+        unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(
+                f"`callback_on_step_end_tensor_inputs` has to be in {self._callback_tensor_inputs}, but found {unknown}."
+            )
+        label_ids = [i for i in self.get_label_ids(class_labels) for _ in range(num_images_per_prompt)]
         batch_size = len(label_ids)
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(
-                f"Got {len(generator)} generators for {batch_size} images (labels x num_images_per_label): pass one "
+                f"Got {len(generator)} generators for {batch_size} images (labels x num_images_per_prompt): pass one "
                 "generator per image, or a single generator."
             )
+        check_sampling_arguments(
+            guidance_scale, guidance_schedule, guidance_scale_pow, temperature, top_k, top_p, generator, batch_size
+        )
         device = self._execution_device
         config = self.transformer.config
         temperature = config.sampling_defaults["temperature"] if temperature is None else temperature
-        if isinstance(orders, str) and orders == "random":
-            orders = self._random_orders(batch_size, generator, device)
+        self._interrupt = False
 
-        # 2. Sample the image tokens with transformers' generation loop (guidance, cache). The draws happen in our
-        #    seeded sampler, placed after the guidance processor; generate's greedy pick just reads them back.
-        sampler = RARSamplingLogitsProcessor(generator, temperature=temperature, top_k=top_k, top_p=top_p)
+        step_callback = None
+        if callback_on_step_end is not None:
+
+            def on_token(step: int, tokens: torch.LongTensor):
+                callback_kwargs = {"tokens": tokens} if "tokens" in callback_on_step_end_tensor_inputs else {}
+                callback_outputs = callback_on_step_end(self, step, step, callback_kwargs) or {}
+                return callback_outputs.get("tokens")
+
+            step_callback = RARStepCallback(on_token, config.codebook_size, should_stop=lambda: self._interrupt)
+
+        # 2. Sample the image tokens with the model's generate() (guidance, cache, seeded draws, random orders).
         with self.progress_bar(total=config.image_seq_len) as progress_bar:
             sequences = self.transformer.generate(
                 input_ids=self.transformer.prepare_class_ids(label_ids, device=device),
                 guidance_scale=guidance_scale,
                 guidance_schedule=guidance_schedule,
                 guidance_scale_pow=guidance_scale_pow,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                generator=generator,
                 orders=orders,
-                logits_processor=LogitsProcessorList([sampler, _ProgressBarLogitsProcessor(progress_bar)]),
-                do_sample=False,
+                logits_processor=LogitsProcessorList([_ProgressBarLogitsProcessor(progress_bar)]),
+                step_callback=step_callback,
+                do_sample=True,
                 use_cache=use_cache,
                 cache_implementation=cache_implementation,
             )
         tokens = sequences[:, 1:]  # drop the class token; generate returns raster order whatever the order used
+        complete = tokens.shape[1] == config.image_seq_len and bool((tokens >= 0).all())
 
         # 3. Decode the tokens to pixels in [0, 1].
         images = None
         if output_type != "tokens":
-            images = self.vqvae.decode(tokens, latent_size=tuple(config.latent_size)).sample
-            if output_type != "pt":
-                # float32 for numpy/PIL whatever the compute dtype (bfloat16 has no numpy equivalent).
-                images = images.cpu().permute(0, 2, 3, 1).float().numpy()
-                if output_type == "pil":
-                    images = self.numpy_to_pil(images)
+            if complete:
+                images = self._to_output_type(
+                    self.vqvae.decode(tokens, latent_size=tuple(config.latent_size)).sample, output_type
+                )
+            else:
+                images = self.decode_partial(tokens, output_type=output_type)
 
         self.maybe_free_model_hooks()
         if not return_dict:

@@ -1,0 +1,173 @@
+"""Gradio demo of a RAR pipeline: pick a class, watch the image tokens arrive, get the images.
+
+    python app.py                                  # the shipped tiny-digits pipeline, offline, on CPU
+    python app.py --model org/rar-xl               # any RARPipeline folder or Hub id
+    RAR_HF_MODEL=org/rar-xl python app.py          # the same, as a Hugging Face Space sets it (a Space variable)
+
+The images shown are exactly `pipe(class, num_images_per_prompt=n, guidance_scale=g, temperature=t,
+generator=torch.Generator().manual_seed(seed))`: the same seed gives the same images as that call.
+"""
+
+import argparse
+import inspect
+import os
+import queue
+import sys
+import threading
+from pathlib import Path
+
+# Set before gradio is imported: it reads this at import time, and the demo must run without network access.
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+try:
+    import rar_hf
+except ImportError:  # a Space runs this file from a checkout of the repository, where the package is not installed
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
+    import rar_hf
+
+import gradio as gr
+import torch
+
+from rar_hf.pipeline_rar import RARPipeline
+
+DEFAULT_MODEL = Path(rar_hf.__file__).parent / "pretrained" / "tiny-digits"
+MAX_IMAGES = 8
+# Previews per image: each one decodes the partial token grid, so a handful is enough to watch the image build up.
+NUM_PREVIEWS = 16
+
+# Local fonts: the default theme links Google Fonts, which an offline machine cannot reach.
+THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
+# The shipped model makes 32x32 images: shown scaled up, they must stay sharp pixels rather than a blur.
+CSS = "#gallery img { image-rendering: pixelated; }"
+# gradio 6 takes the page style in launch(), older versions in Blocks().
+STYLE = {"theme": THEME, "css": CSS}
+STYLE_IN_LAUNCH = "css" in inspect.signature(gr.Blocks.launch).parameters
+# Lossless images in the gallery (gradio >= 5 defaults to WebP; older versions always write PNG).
+GALLERY_KWARGS = {"format": "png"} if "format" in inspect.signature(gr.Gallery.__init__).parameters else {}
+
+
+def class_choices(id2label: dict[int, str]) -> list[str]:
+    """One dropdown entry per class id, in id order (the dropdown returns the index): the class name, with the id
+    appended to names that several classes share (ImageNet has two "crane" and two "maillot")."""
+    names = [id2label[i] for i in range(len(id2label))]
+    return [f"{name} ({i})" if names.count(name) > 1 else name for i, name in enumerate(names)]
+
+
+def build_demo(pipe: RARPipeline, title: str = "RAR") -> gr.Blocks:
+    config = pipe.transformer.config
+    seq_len = config.image_seq_len
+    preview_every = max(1, seq_len // NUM_PREVIEWS)
+    choices = class_choices(pipe.id2label)
+
+    def generate(class_index, num_images, guidance_scale, temperature, seed, progress=gr.Progress()):
+        if class_index is None:
+            raise gr.Error("Pick a class first.")
+        if seed is None or seed < 0 or seed != int(seed):
+            raise gr.Error(f"The seed must be a whole number >= 0, got {seed}.")
+        class_id, num_images, seed = int(class_index), int(num_images), int(seed)
+        events = queue.Queue()
+        stop = threading.Event()
+
+        # Runs in the generation thread after each token: decoding there keeps the previews in step with the tokens
+        # (and off the CPU cores while the next token is being computed).
+        def on_step_end(pipe, step, timestep, callback_kwargs):
+            done = step + 1
+            preview = None
+            if done % preview_every == 0 and done < seq_len:
+                preview = pipe.decode_partial(callback_kwargs["tokens"])
+            events.put(("step", done, preview))
+            if stop.is_set():  # the page was closed: stop after this token
+                pipe._interrupt = True
+            return {}
+
+        def run():
+            try:
+                images = pipe(
+                    class_id,
+                    num_images_per_prompt=num_images,
+                    guidance_scale=float(guidance_scale),
+                    temperature=float(temperature),
+                    generator=torch.Generator().manual_seed(seed),
+                    callback_on_step_end=on_step_end,
+                    callback_on_step_end_tensor_inputs=["tokens"],
+                ).images
+                events.put(("done", images))
+            except Exception as error:  # handed to the request thread, which reports it in the page
+                events.put(("error", error))
+
+        worker = threading.Thread(target=run, name="rar-generate", daemon=True)
+        progress((0, seq_len), desc="Generating tokens", unit="tokens")
+        worker.start()
+        try:
+            while True:
+                kind, *payload = events.get()
+                if kind == "step":
+                    done, preview = payload
+                    progress((done, seq_len), desc="Generating tokens", unit="tokens")
+                    if preview is not None:
+                        yield preview, f"Token {done} of {seq_len}"
+                elif kind == "error":
+                    raise gr.Error(f"Generation failed: {payload[0]}")
+                else:
+                    name = pipe.id2label[class_id]
+                    yield payload[0], f"Done: {num_images} image(s) of class {class_id} ({name}), seed {seed}."
+                    return
+        finally:
+            stop.set()
+            worker.join()
+
+    defaults = config.sampling_defaults
+    with gr.Blocks(title=title, **({} if STYLE_IN_LAUNCH else STYLE)) as demo:
+        gr.Markdown(f"# {title}\nClass-conditional image generation with RAR, one image token at a time.")
+        with gr.Row():
+            with gr.Column(scale=1):
+                class_picker = gr.Dropdown(
+                    choices, value=choices[0], type="index", label="Class (type to search)", elem_id="class-picker"
+                )
+                num_images = gr.Slider(1, MAX_IMAGES, value=4, step=1, label="Number of images", elem_id="num-images")
+                guidance_scale = gr.Slider(
+                    1.0, 10.0, value=defaults["guidance_scale"], step=0.1, label="Guidance scale", elem_id="guidance"
+                )
+                temperature = gr.Slider(
+                    0.1, 2.0, value=defaults["temperature"], step=0.01, label="Temperature", elem_id="temperature"
+                )
+                seed = gr.Number(value=0, precision=0, label="Seed", elem_id="seed")
+                button = gr.Button("Generate", variant="primary", elem_id="generate")
+            with gr.Column(scale=2):
+                gallery = gr.Gallery(label="Images", columns=4, elem_id="gallery", **GALLERY_KWARGS)
+                status = gr.Markdown(elem_id="status")
+        button.click(generate, [class_picker, num_images, guidance_scale, temperature, seed], [gallery, status])
+    return demo
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--model",
+        default=os.environ.get("RAR_HF_MODEL") or str(DEFAULT_MODEL),
+        help="Hub repo id or local folder of a RARPipeline (default: $RAR_HF_MODEL, else the shipped tiny-digits one).",
+    )
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="Device (default: cuda if available)."
+    )
+    parser.add_argument("--host", default=None, help="Address to listen on (default: gradio's, $GRADIO_SERVER_NAME).")
+    parser.add_argument("--port", type=int, default=None, help="Port (default: gradio's, $GRADIO_SERVER_PORT).")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        pipe = RARPipeline.from_pretrained(args.model)
+    except (OSError, ValueError) as error:
+        sys.exit(f"app.py: cannot load a RARPipeline from --model {args.model!r}: {error}")
+    pipe.to(args.device)
+    pipe.set_progress_bar_config(disable=True)  # the page shows the progress
+    title = "RAR tiny digits" if Path(args.model) == DEFAULT_MODEL else f"RAR: {args.model}"
+    demo = build_demo(pipe, title=title)
+    # One generation at a time: they share the model (and would only split the same cores).
+    demo.queue().launch(server_name=args.host, server_port=args.port, **(STYLE if STYLE_IN_LAUNCH else {}))
+
+
+if __name__ == "__main__":
+    main()
