@@ -184,8 +184,8 @@ def parse_args(argv=None):
     p.add_argument("--no_prepack", action="store_true",
                    help="generate(prepack_weights=False): plain F.linear instead of oneDNN-prepacked weights on CPU.")
     p.add_argument("--prepack_once", action="store_true",
-                   help="Pack the weights once around all runs (rar_hf.prepacked_linear_weights), as a loop of "
-                        "generate calls would, instead of once per call.")
+                   help="Pack the weights in a rar_hf.prepacked_linear_weights block around all runs (restored "
+                        "after them); without it generate() packs at the first call and keeps them packed.")
     p.add_argument("--guidance_scale", type=float, default=2.0, help="CFG scale; != 1 doubles the batch.")
     p.add_argument("--guidance_scale_pow", type=float, default=0.0, help="pow-cosine exponent (no effect on speed).")
     p.add_argument("--temperature", type=float, default=1.0, help="Sampling temperature.")
@@ -195,6 +195,8 @@ def parse_args(argv=None):
     p.add_argument("--impl", default="hf", choices=["hf", "official"],
                    help="hf: model.generate; official: the official sampler's cost structure only.")
     p.add_argument("--baseline", action="store_true", help="Also time the official sampler and print the speed-up.")
+    p.add_argument("--baseline_warmup", type=int, default=None,
+                   help="Untimed runs of the official sampler before timing it (default: --warmup; it compiles nothing).")
     p.add_argument("--check", action="store_true",
                    help="Before timing, check the official sampler against generate on these weights (teacher-forced "
                         "logits, greedy tokens) for min(num_tokens, 8) steps.")
@@ -260,7 +262,7 @@ def main(argv=None):
     if args.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
     model = build_model(args.preset, dtype, device, seed=args.seed).eval()
-    from rar_hf.prepacked_linear import prepacked_linear_weights
+    from rar_hf.prepacked_linear import prepacked_linear_weights, unpack_linear_weights
 
     config = model.config
     length = config.image_seq_len
@@ -295,11 +297,15 @@ def main(argv=None):
                                         num_tokens=num_tokens)
 
     def measure(impl, make_runner):
+        if impl == "official":
+            # generate() leaves the model on packed weights; the baseline runs the official F.linear products.
+            unpack_linear_weights(model)
         reset_peak_memory(device)
         torch.manual_seed(args.seed)
         outer = impl == "hf" and args.prepack_once and not args.no_prepack
         with torch.no_grad(), prepacked_linear_weights(model, 2 * args.batch_size, enabled=outer):
-            times = time_runs(make_runner(), device, args.repeats, args.warmup)
+            warmup = args.warmup if impl == "hf" or args.baseline_warmup is None else args.baseline_warmup
+            times = time_runs(make_runner(), device, args.repeats, warmup)
         seconds = statistics.median(times)
         mem, mem_kind = peak_memory(device)
         return {
@@ -308,7 +314,7 @@ def main(argv=None):
             "compile": "compile" if args.compile and impl == "hf" else "eager",
             "compile_mode": args.compile_mode if impl == "hf" else None, "guidance_scale": args.guidance_scale,
             "prepack": (impl == "hf" and not args.no_prepack and device.type == "cpu") and (
-                "once" if args.prepack_once else "per call"),
+                "once" if args.prepack_once else "kept across calls"),
             "num_tokens": num_tokens, "image_seq_len": length, "extrapolated": num_tokens < length,
             "decode": args.decode, "tf32": args.tf32, "seconds": seconds, "all_seconds": times,
             "tokens_per_s": args.batch_size * num_tokens / seconds,

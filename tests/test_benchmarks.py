@@ -55,6 +55,16 @@ def test_linear_kernels():
     assert "oneDNN prepacked" in out
 
 
+def test_step_profile_splits_a_step_against_the_bandwidth_floor():
+    out = run(BENCH / "step_profile.py", "--preset", "tiny", "--num_tokens", "3", "--threads", "1", "--top", "3")
+    lines = out.splitlines()
+    split = {line.split()[0]: float(line.split()[1]) for line in lines if line.strip().split()[:1] in
+             (["weights"], ["attention"], ["rest"], ["total"])}
+    assert split.keys() == {"weights", "attention", "rest", "total"} and split["weights"] > 0
+    assert abs(split["weights"] + split["attention"] + split["rest"] - split["total"]) < 0.05
+    assert any(line.strip().startswith("floor:") and "GB/s" in line for line in lines)
+
+
 def test_run_all_grids_build():
     out = run(BENCH / "run_all.py", "--grid", "gpu", "--dry-run")
     commands = out.strip().splitlines()

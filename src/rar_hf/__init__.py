@@ -7,7 +7,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from .configuration_rar import RAR_PRESETS, RAR_SAMPLING_DEFAULTS, RARConfig
 from .generation_rar import GUIDANCE_SCHEDULES, RARClassifierFreeGuidanceLogitsProcessor, guidance_scale_at, guidance_scales
 from .modeling_rar import RARForImageGeneration, RARModel, RARPreTrainedModel
-from .prepacked_linear import prepacked_linear_weights
+from .prepacked_linear import pack_linear_weights, prepacked_linear_weights, unpack_linear_weights
 
 __version__ = "0.1.0"
 
@@ -33,7 +33,9 @@ __all__ = [
     "RARPreTrainedModel",
     "guidance_scale_at",
     "guidance_scales",
+    "pack_linear_weights",
     "prepacked_linear_weights",
+    "unpack_linear_weights",
     *_LAZY,
 ]
 

@@ -28,7 +28,7 @@ from .generation_rar import (
     guidance_scales,
     random_orders,
 )
-from .prepacked_linear import PrepackedLinear, prepacked_linear_weights
+from .prepacked_linear import PrepackedLinear, pack_linear_weights, unpack_linear_weights
 from .speculative_rar import speculative_generate
 
 
@@ -724,10 +724,12 @@ class RARForImageGeneration(RARPreTrainedModel, GenerationMixin):
                 tokens generated so far (the model continues from the replacement) and stop generation early. When it
                 stops early the sequences are shorter (`1 + n`); with a non-raster order they keep `1 + image_seq_len`
                 entries with `-1` at the positions not generated.
-            prepack_weights (`bool`): on CPU, run the decoder's linear layers on oneDNN-prepacked copies of their
-                float32/bfloat16 weights for the length of the call (decoding steps about 2x faster; the copies, as
-                large as those weights, are freed afterwards). Inside a `rar_hf.prepacked_linear_weights(model)`
-                block the block's copies are used instead. No effect on other devices.
+            prepack_weights (`bool`): on CPU, run the linear layers on oneDNN-packed float32/bfloat16 weights
+                (decoding steps about 2x faster). The packed weights replace the plain ones and stay after the call,
+                so later calls do not pack again and memory holds one copy; `state_dict()`/`save_pretrained` are
+                unchanged, and `train()`, `.to()`, reading a `.weight` or `rar_hf.unpack_linear_weights(model)`
+                restore the plain weights (see `rar_hf.pack_linear_weights`). `False` restores them and runs
+                `F.linear`. No effect on other devices.
             assistant_model ([`RARForImageGeneration`], *optional*): a smaller RAR with the same codebook and classes
                 that drafts `num_assistant_tokens` (default 4) tokens per target pass: speculative sampling, exact
                 (see `rar_hf.speculative_rar`). Batches are exact too but accept fewer tokens per pass.
@@ -795,23 +797,27 @@ class RARForImageGeneration(RARPreTrainedModel, GenerationMixin):
         if step_callback is not None:
             kwargs["stopping_criteria"] = StoppingCriteriaList([*(kwargs.get("stopping_criteria") or []), step_callback])
         num_rows = batch_size * (2 if guidance else 1)
-        with prepacked_linear_weights(self, num_rows, enabled=prepack_weights):
-            if speculative:
-                # Speculative decoding draws (with `generator`) and verifies several tokens per pass itself.
-                outputs = speculative_generate(
-                    self, input_ids, processors, orders, guidance, assistant_model, jacobi_window=jacobi_window,
-                    generator=generator, prepack_weights=prepack_weights, **kwargs,
-                )  # fmt: skip
-            else:
-                outputs = super().generate(
-                    input_ids=input_ids,
-                    logits_processor=processors,
-                    orders=orders,
-                    guidance=guidance,
-                    modulation_cache=self.modulation_cache_class(),
-                    step_callback=step_callback,
-                    **kwargs,
-                )
+        if prepack_weights and not self.training:
+            # A layout for at least 8 rows: oneDNN's layout for 1-2 rows streams the weights 3x slower at any count.
+            pack_linear_weights(self, num_rows=max(8, num_rows))
+        elif not prepack_weights:
+            unpack_linear_weights(self)
+        if speculative:
+            # Speculative decoding draws (with `generator`) and verifies several tokens per pass itself.
+            outputs = speculative_generate(
+                self, input_ids, processors, orders, guidance, assistant_model, jacobi_window=jacobi_window,
+                generator=generator, prepack_weights=prepack_weights, **kwargs,
+            )  # fmt: skip
+        else:
+            outputs = super().generate(
+                input_ids=input_ids,
+                logits_processor=processors,
+                orders=orders,
+                guidance=guidance,
+                modulation_cache=self.modulation_cache_class(),
+                step_callback=step_callback,
+                **kwargs,
+            )
         finite_check.raise_if_non_finite()
         if sampler is not None and sampler.scores is not None and not isinstance(outputs, torch.Tensor):
             outputs.scores = tuple(sampler.scores)  # the distributions drawn from, not the one-hot rows
