@@ -236,7 +236,7 @@ def save_custom_states(folder, states: dict) -> None:
 
     Tensors (also inside lists) become safetensors entries; ints, floats, bools, strings and None go to the header's
     JSON metadata. This replaces accelerate's `register_for_checkpointing`, whose `custom_checkpoint_N.pkl` is
-    unpickled with `weights_only=False` on resume (a planted pickle there runs code).
+    fully unpickled (not weights-only) on resume, so a planted pickle there runs code.
     """
     from safetensors.torch import save_file
 

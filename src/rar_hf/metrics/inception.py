@@ -364,8 +364,8 @@ def _load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def _load_error_reason(error: Exception) -> str:
-    # torch's weights-only refusal is a page of advice (including "retry with weights_only=False", which would run
-    # the file's code); keep the line that says what was refused.
+    # torch's weights-only refusal is a page of advice (including a suggestion to retry with the full unpickler, which
+    # would run the file's code); keep the line that says what was refused.
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     if lines and lines[0].startswith("Weights only load failed"):
         details = [line for line in lines[1:] if not line.startswith(("Please file an issue", "Check the documentation"))]
