@@ -85,7 +85,7 @@ def main(argv=None):
     def step():
         batch = next(batches)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
-            loss = model(**batch).loss
+            loss = model(**batch, use_cache=False).loss
         loss.backward()
         if args.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)

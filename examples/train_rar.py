@@ -514,7 +514,8 @@ def main(args):
             # transformers' num_items_in_batch: the labelled tokens of the whole accumulated step (every micro-batch
             # holds the same count), times the steps accelerator.backward divides the loss by again.
             num_items = (batch["labels"] != -100).sum() * args.gradient_accumulation_steps
-            loss = model(**batch, num_items_in_batch=num_items).loss * args.gradient_accumulation_steps
+            # No KV cache in training: nothing reads it, and the config default (use_cache=True) would build one.
+            loss = model(**batch, use_cache=False, num_items_in_batch=num_items).loss * args.gradient_accumulation_steps
             accelerator.backward(loss)
             if accelerator.sync_gradients and args.max_grad_norm:
                 accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
