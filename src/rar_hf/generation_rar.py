@@ -144,6 +144,24 @@ def _per_row(generator, batch_size: int) -> list:
     return list(generator) if isinstance(generator, (list, tuple)) else [generator] * batch_size
 
 
+def uniform_draws(shape: tuple, generator=None, device=None) -> torch.Tensor:
+    """`shape` uniforms in [0, 1), `shape[0]` rows, from one generator for the batch, one per row (each row then
+    depends only on its own), or torch's global RNG (`None`); moved to `device`.
+
+    Drawn on each generator's own device (as diffusers' randn_tensor does), so a CPU generator makes the same draws
+    whatever device the model runs on.
+    """
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"Got {len(generator)} generators for a batch of {shape[0]} rows.")
+        draws = torch.stack([torch.rand(shape[1:], generator=g, device=g.device) for g in generator])
+    elif generator is not None:
+        draws = torch.rand(shape, generator=generator, device=generator.device)
+    else:
+        draws = torch.rand(shape, device=device)
+    return draws.to(device)
+
+
 def random_orders(batch_size: int, length: int, generator=None, device=None) -> torch.LongTensor:
     """One random generation order (a permutation of `[0, length)`) per row, drawn from that row's generator (or
     from torch's global RNG when `generator` is `None`), on each generator's device, then moved to `device`."""
@@ -204,19 +222,9 @@ class RARSamplingLogitsProcessor(LogitsProcessor):
         return drawn.scatter_(1, tokens[:, None], 0.0)
 
     def _gumbel_noise(self, scores: torch.Tensor) -> torch.Tensor:
-        batch_size, vocab_size = scores.shape
-        # Drawn on each generator's own device (as diffusers' randn_tensor does), so a CPU generator makes the same
-        # draws whatever device the model runs on.
-        if isinstance(self.generator, (list, tuple)):
-            if len(self.generator) != batch_size:
-                raise ValueError(f"Got {len(self.generator)} generators for a batch of {batch_size} rows.")
-            uniform = torch.stack([torch.rand(vocab_size, generator=g, device=g.device) for g in self.generator])
-        elif self.generator is not None:
-            uniform = torch.rand(scores.shape, generator=self.generator, device=self.generator.device)
-        else:
-            uniform = torch.rand(scores.shape, device=scores.device)
+        uniform = uniform_draws(tuple(scores.shape), self.generator, scores.device)
         # torch.rand is in [0, 1): a 0 gives -inf noise (that token is skipped), never NaN.
-        return -torch.log(-torch.log(uniform.to(scores.device)))
+        return -torch.log(-torch.log(uniform))
 
 
 # ------------------------------------------------------------------------------------------------ non-finite logits

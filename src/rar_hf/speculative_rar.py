@@ -28,6 +28,7 @@ import torch
 from transformers import LogitsProcessorList
 from transformers.cache_utils import Cache, DynamicCache, StaticCache
 
+from .generation_rar import uniform_draws
 from .prepacked_linear import prepacked_linear_weights
 
 ACCEPTANCE_RULES = ("lossless", "relaxed")
@@ -70,12 +71,7 @@ class _Drawer:
 
     def uniform(self, *shape) -> torch.Tensor:
         """`(batch, *shape)` uniforms in [0, 1)."""
-        if isinstance(self.generator, list):
-            draws = [torch.rand(shape, generator=g, device=g.device) for g in self.generator]
-            return torch.stack(draws).to(self.device)
-        if self.generator is not None:
-            return torch.rand((self.batch_size, *shape), generator=self.generator, device=self.generator.device).to(self.device)
-        return torch.rand((self.batch_size, *shape), device=self.device)
+        return uniform_draws((self.batch_size, *shape), self.generator, self.device)
 
     def categorical(self, probs: torch.Tensor) -> torch.Tensor:
         """One index per row of `probs` (`(batch, ..., vocab)`), by inverting the cumulative distribution."""
