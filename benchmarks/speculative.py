@@ -39,14 +39,16 @@ def parse_args(argv=None):
     p.add_argument("--model", default=str(SHIPPED), help="Target pipeline folder (default: the shipped tiny digits).")
     p.add_argument("--draft", nargs="+", default=["outputs/draft/rar-draft-2l"],
                    help="Draft pipeline or transformer folder(s); each is measured with every --num_assistant_tokens.")
-    p.add_argument("--num_assistant_tokens", type=int, nargs="+", default=[3, 6], help="Draft lengths to measure.")
-    p.add_argument("--jacobi_windows", type=int, nargs="+", default=[4, 8, 16], help="Jacobi windows to measure.")
+    p.add_argument("--num_assistant_tokens", type=int, nargs="*", default=[3, 6], help="Draft lengths to measure (none: no draft rows).")
+    p.add_argument("--jacobi_windows", type=int, nargs="*", default=[4, 8, 16], help="Jacobi windows to measure (none: no Jacobi rows).")
     p.add_argument("--relax", type=float, default=None, help="Also measure the relaxed (inexact) rule with this factor.")
     p.add_argument("--speed_images", type=int, default=10, help="Images timed per method at batch 1.")
     p.add_argument("--repeats", type=int, default=3, help="Timed passes per method (median).")
     p.add_argument("--batch8", action="store_true", help="Also time Jacobi decoding at batch 8.")
     p.add_argument("--num_per_class", type=int, default=100, help="Quality samples per class (0: skip quality).")
     p.add_argument("--quality_batch_size", type=int, default=100, help="Rows per generate() call for quality.")
+    p.add_argument("--quality_seeds", type=int, default=1,
+                   help="Seeds of quality samples per speculative method (plain sampling always gets 3).")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's).")
     p.add_argument("--output_json", default=None, help="Also write the records here.")
     p.add_argument("--pass_cost", default=None, metavar="PRESET",
@@ -134,7 +136,7 @@ def main(args):
         return pass_cost(args.pass_cost)
     pipe = RARPipeline.from_pretrained(args.model)
     target, vqvae = pipe.transformer.eval(), pipe.vqvae
-    drafts = [load_transformer(path) for path in args.draft]
+    drafts = [load_transformer(path) for path in args.draft] if args.num_assistant_tokens else []
     methods = [("plain sampling", {})]
     for prefix, rule in [("", {})] + ([(f"RELAXED x{args.relax:g} (inexact): ", dict(acceptance="relaxed", relax=args.relax))] if args.relax else []):  # fmt: skip
         methods += [
@@ -160,7 +162,7 @@ def main(args):
                 records[i]["tokens_per_forward_b8"] = stats8.tokens_per_forward / 8  # per row: tokens kept per pass
     for record, (_, method) in zip(records, methods):
         if args.num_per_class:
-            seeds = [0, 1, 2] if not method else [0]
+            seeds = [0, 1, 2] if not method else list(range(args.quality_seeds))
             scores = [quality(target, vqvae, judge, method, args.num_per_class, args.quality_batch_size, s) for s in seeds]
             record["accuracy"] = [s["accuracy"] for s in scores]
             record["frechet"] = [s["frechet"] for s in scores]
