@@ -1,9 +1,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import StaticCache
+from transformers import CompileConfig, StaticCache
 
 from rar_hf import modeling_rar
+from rar_hf.decoding_attention import filled_slots_attention
 from rar_hf.modeling_rar import decoding_attention_forward
 
 from test_modeling_rar import tiny_model
@@ -91,3 +92,50 @@ def test_float32_decoding_keeps_sdpa(monkeypatch):
     monkeypatch.setattr(modeling_rar, "decoding_attention_forward", lambda *a, **k: calls.append(1))
     tiny_model().generate(class_labels=[1], guidance_scale=2.0, do_sample=False, max_new_tokens=4)
     assert not calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_filled_slots_attention_reads_only_the_filled_slots(dtype):
+    query, key, value, _ = _cache_like(dtype, filled=5, slots=9)
+    output = filled_slots_attention(query, key, value, torch.tensor([4]), 0.25)
+    exact = F.scaled_dot_product_attention(
+        query.double(), key[:, :, :5].double(), value[:, :, :5].double(), scale=0.25
+    ).transpose(1, 2)
+    assert output.shape == (3, 1, 4, 16) and output.dtype == dtype
+    torch.testing.assert_close(output.double(), exact, atol=1e-2 if dtype == torch.bfloat16 else 1e-5, rtol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_cpu_steps_attend_over_the_filled_slots_or_fused_products(dtype):
+    model = tiny_model().to(dtype)
+    kwargs = dict(class_labels=[1, 2, None], guidance_scale=2.0, do_sample=False, cache_implementation="static")
+    kwargs.update(return_dict_in_generate=True, output_scores=True)
+    eager = model.generate(**kwargs, disable_compile=True)
+    graphs = []
+
+    def recording_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    compile_config = CompileConfig(fullgraph=True, backend=recording_backend, mode=None)
+    compile_config._compile_all_devices = True  # CPU: the automatic compilation is opt-in there
+    torch._dynamo.reset()
+    try:
+        compiled = model.generate(**kwargs, compile_config=compile_config)
+    finally:
+        torch._dynamo.reset()
+    assert len(graphs) == 1  # the decoding step; no recompilation as the filled length grows
+    targets = [node.target for node in graphs[0].graph.nodes if node.op == "call_function"]
+    # float32: the opaque op over the filled slots; bfloat16: float32 products the compiler fuses with the upcast.
+    expected_ops = model.config.num_hidden_layers if dtype == torch.float32 else 0
+    assert targets.count(torch.ops.rar_hf.filled_slots_attention.default) == expected_ops
+    assert F.scaled_dot_product_attention not in targets
+    if dtype == torch.float32:  # same kernel, same slots: the same numbers
+        assert torch.equal(compiled.sequences, eager.sequences)
+        torch.testing.assert_close(torch.stack(compiled.scores), torch.stack(eager.scores), atol=1e-5, rtol=1e-5)
+    else:  # inductor rounds the fused bfloat16 ops its own way: compare the steps before any token differs
+        same = (compiled.sequences == eager.sequences).all(dim=0)[1:].long().cumprod(0).sum()
+        assert same >= 1
+        torch.testing.assert_close(
+            torch.stack(compiled.scores[:same]), torch.stack(eager.scores[:same]), atol=5e-2, rtol=5e-2
+        )

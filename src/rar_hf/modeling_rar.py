@@ -19,6 +19,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_rar import RARConfig
+from .decoding_attention import decoding_attention_forward, filled_slots_attention, uses_decoding_attention
 from .generation_rar import (
     RARClassifierFreeGuidanceLogitsProcessor,
     RARFiniteLogitsCheck,
@@ -40,35 +41,6 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
     attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
     attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
     return attn_output, attn_weights
-
-
-def uses_decoding_attention(query: torch.Tensor, implementation: str, kwargs: dict) -> bool:
-    """Whether a one-token step in half precision on CPU attends with `decoding_attention_forward` instead of sdpa.
-
-    With one new query per row, PyTorch's CPU sdpa kernel is 2-4x slower in bfloat16 than float32 products over the
-    same half-precision cache (measured on RAR-B, batch 4, a layer's 257 cached slots: 1.6 ms against 0.47 ms), which
-    made a bfloat16 image barely faster to sample than a float32 one. Float32 steps keep sdpa (and its rounding).
-    """
-    return (
-        query.device.type == "cpu"
-        and query.dtype in (torch.bfloat16, torch.float16)
-        and implementation == "sdpa"
-        and not torch.is_grad_enabled()
-        and not kwargs.get("output_attentions")
-    )
-
-
-def decoding_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    """Attention of `(B, H, 1, D)` queries over the cache, computed in float32 from the half-precision keys/values."""
-    scores = torch.matmul(query.float(), key.float().transpose(2, 3)).mul_(scaling)
-    if attention_mask is not None:
-        if attention_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attention_mask, float("-inf"))
-        else:
-            scores = scores + attention_mask
-    weights = torch.softmax(scores, dim=-1)
-    attn_output = torch.matmul(weights, value.float()).to(query.dtype).transpose(1, 2)
-    return attn_output, None
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -98,7 +70,9 @@ class RARAttention(nn.Module):
         self.o_proj = PrepackedLinear(config.hidden_size, config.hidden_size)
         self.o_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, hidden_states, attention_mask=None, cache: Cache | None = None, kv_length=None, **kwargs):
+    def forward(
+        self, hidden_states, attention_mask=None, cache: Cache | None = None, kv_length=None, last_position=None, **kwargs
+    ):
         batch_size, seq_len, _ = hidden_states.shape
         qkv = self.qkv_proj(hidden_states).view(batch_size, seq_len, 3, self.num_heads, self.head_dim)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
@@ -109,6 +83,12 @@ class RARAttention(nn.Module):
                 # A static cache returns all its slots; the ones past the sequence are masked, so skip reading them.
                 key, value = key[:, :, :kv_length], value[:, :, :kv_length]
                 attention_mask = attention_mask[..., :kv_length]
+        if seq_len == 1 and last_position is not None and query.dtype == torch.float32:
+            # Compiled float32 CPU step over a static cache: an opaque op reads only the filled slots (a length the
+            # graph cannot know without recompiling at every step). In half precision, inductor's own fusion of
+            # `decoding_attention_forward` over all slots is faster than this op (42 against 46 ms per RAR-B step).
+            attn_output = filled_slots_attention(query, key, value, last_position, self.scaling)
+            return self.o_dropout(self.o_proj(attn_output.reshape(batch_size, seq_len, -1))), None
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
@@ -331,9 +311,12 @@ class RARModel(RARPreTrainedModel):
         )
         # Slots filled after this call; with a static cache, attention reads only those. Known without a device sync
         # only when the positions live on the CPU, and a Python int would specialise compiled graphs on the step.
-        kv_length = None
-        if cache is not None and cache_position.device.type == "cpu" and not torch.compiler.is_compiling():
-            kv_length = int(cache_position[-1]) + 1
+        kv_length = last_position = None
+        if cache is not None and cache_position.device.type == "cpu":
+            if torch.compiler.is_compiling():
+                last_position = cache_position[-1:]
+            else:
+                kv_length = int(cache_position[-1]) + 1
         modulations = modulations or [None] * (len(self.layers) + 1)
         for layer, modulation in zip(self.layers, modulations):
             hidden_states = layer(
@@ -343,6 +326,7 @@ class RARModel(RARPreTrainedModel):
                 cache=cache,
                 modulation=modulation,
                 kv_length=kv_length,
+                last_position=last_position,
                 **kwargs,
             )
 
