@@ -6,12 +6,13 @@ with the project's scripts (see benchmarks/README.md, "Speculative decoding"). F
 - tokens/forward: image tokens kept per forward pass of the target (plain sampling: 1), and the target's (and the
   draft's) forward passes per image;
 - speed-up: wall-clock of `generate()` for the same images against plain sampling, at batch 1 (and batch 8 with
-  `--batch8` for Jacobi decoding), after a warm-up, median of `--repeats` passes;
+  `--batch8` for Jacobi decoding), after a warm-up, median of `--repeats` passes; the methods take turns within
+  each pass, so that a drift in the speed of a shared machine hits them all alike;
 - quality: digits accuracy and Frechet distance of benchmarks/digits_quality.py on `--num_per_class` x 10 samples,
   next to plain sampling's spread over 3 seeds. The exact methods sample the same distribution at any batch size, so
   quality is sampled at `--quality_batch_size` rows per call to keep the run short.
 
-    python benchmarks/speculative.py --draft outputs/draft/rar-draft-2l            # the table of benchmarks/README.md
+    python benchmarks/speculative.py --draft outputs/draft/rar-draft-2l outputs/draft/rar-draft-1l  # benchmarks/README.md
 """
 
 import argparse
@@ -36,15 +37,18 @@ from rar_hf.speculative_rar import SpeculativeStats  # noqa: E402
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(SHIPPED), help="Target pipeline folder (default: the shipped tiny digits).")
-    p.add_argument("--draft", default="outputs/draft/rar-draft-2l", help="Draft pipeline folder or transformer folder.")
-    p.add_argument("--num_assistant_tokens", type=int, nargs="+", default=[3, 6], help="Draft lengths to measure.")
-    p.add_argument("--jacobi_windows", type=int, nargs="+", default=[4, 8, 16], help="Jacobi windows to measure.")
+    p.add_argument("--draft", nargs="+", default=["outputs/draft/rar-draft-2l"],
+                   help="Draft pipeline or transformer folder(s); each is measured with every --num_assistant_tokens.")
+    p.add_argument("--num_assistant_tokens", type=int, nargs="*", default=[3, 6], help="Draft lengths to measure (none: no draft rows).")
+    p.add_argument("--jacobi_windows", type=int, nargs="*", default=[4, 8, 16], help="Jacobi windows to measure (none: no Jacobi rows).")
     p.add_argument("--relax", type=float, default=None, help="Also measure the relaxed (inexact) rule with this factor.")
     p.add_argument("--speed_images", type=int, default=10, help="Images timed per method at batch 1.")
     p.add_argument("--repeats", type=int, default=3, help="Timed passes per method (median).")
     p.add_argument("--batch8", action="store_true", help="Also time Jacobi decoding at batch 8.")
     p.add_argument("--num_per_class", type=int, default=100, help="Quality samples per class (0: skip quality).")
     p.add_argument("--quality_batch_size", type=int, default=100, help="Rows per generate() call for quality.")
+    p.add_argument("--quality_seeds", type=int, default=1,
+                   help="Seeds of quality samples per speculative method (plain sampling always gets 3).")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's).")
     p.add_argument("--output_json", default=None, help="Also write the records here.")
     p.add_argument("--pass_cost", default=None, metavar="PRESET",
@@ -69,18 +73,23 @@ def generate(model, labels, seed, stats=None, **method):
     return model.generate(ids)
 
 
-def time_method(model, method, batch_size, num_images, repeats):
-    labels = [i % model.config.num_classes for i in range(batch_size)]
+def time_methods(model, methods, batch_size, num_images, repeats):
+    """Per method: median seconds per image over `repeats` passes, its stats, and the images they count.
+
+    Every pass times each method in turn on the same images (the classes in turn, a seed per image)."""
     calls = max(num_images // batch_size, 1)
-    generate(model, labels, 0, **method)  # warm-up
-    times, stats = [], SpeculativeStats()
+    labels = [[(call * batch_size + i) % model.config.num_classes for i in range(batch_size)] for call in range(calls)]
+    for method in methods:
+        generate(model, labels[0], 0, **method)  # warm-up
+    times, stats = [[] for _ in methods], [SpeculativeStats() for _ in methods]
     for repeat in range(repeats):
-        start = time.perf_counter()
-        for call in range(calls):
-            generate(model, labels, 1000 * repeat + call, stats=stats if method else None, **method)
-        times.append((time.perf_counter() - start) / (calls * batch_size))
+        for method, method_times, method_stats in zip(methods, times, stats):
+            start = time.perf_counter()
+            for call in range(calls):
+                generate(model, labels[call], 1000 * repeat + call, stats=method_stats if method else None, **method)
+            method_times.append((time.perf_counter() - start) / (calls * batch_size))
     images = repeats * calls * batch_size
-    return statistics.median(times), stats, images
+    return [(statistics.median(t), s, images) for t, s in zip(times, stats)]
 
 
 def quality(model, vqvae, judge, method, num_per_class, batch_size, seed):
@@ -127,38 +136,40 @@ def main(args):
         return pass_cost(args.pass_cost)
     pipe = RARPipeline.from_pretrained(args.model)
     target, vqvae = pipe.transformer.eval(), pipe.vqvae
-    draft = load_transformer(args.draft)
+    drafts = [load_transformer(path) for path in args.draft] if args.num_assistant_tokens else []
     methods = [("plain sampling", {})]
-    methods += [(f"draft model, {k} tokens", dict(assistant_model=draft, num_assistant_tokens=k)) for k in args.num_assistant_tokens]
-    methods += [(f"Jacobi, window {w}", dict(jacobi_window=w)) for w in args.jacobi_windows]
-    if args.relax:
-        relaxed = dict(acceptance="relaxed", relax=args.relax)
-        methods += [(f"RELAXED x{args.relax:g} (inexact): draft model, {k} tokens", dict(assistant_model=draft, num_assistant_tokens=k, **relaxed)) for k in args.num_assistant_tokens]  # fmt: skip
-        methods += [(f"RELAXED x{args.relax:g} (inexact): Jacobi, window {w}", dict(jacobi_window=w, **relaxed)) for w in args.jacobi_windows]  # fmt: skip
+    for prefix, rule in [("", {})] + ([(f"RELAXED x{args.relax:g} (inexact): ", dict(acceptance="relaxed", relax=args.relax))] if args.relax else []):  # fmt: skip
+        methods += [
+            (f"{prefix}draft model ({draft.config.num_hidden_layers}-layer), {k} tokens", dict(assistant_model=draft, num_assistant_tokens=k, **rule))
+            for draft in drafts for k in args.num_assistant_tokens
+        ]  # fmt: skip
+        methods += [(f"{prefix}Jacobi, window {w}", dict(jacobi_window=w, **rule)) for w in args.jacobi_windows]
     judge = DigitsJudge() if args.num_per_class else None
-    records = []
-    for name, method in methods:
-        record = {"method": name}
-        seconds, stats, images = time_method(target, method, 1, args.speed_images, args.repeats)
+    records = [{"method": name} for name, _ in methods]
+    timings = time_methods(target, [method for _, method in methods], 1, args.speed_images, args.repeats)
+    for record, (_, method), (seconds, stats, images) in zip(records, methods, timings):
         record["seconds_per_image_b1"] = seconds
         if method:
             record["tokens_per_forward"] = stats.tokens_per_forward
             record["target_forwards_per_image"] = stats.target_forwards / images
             record["draft_forwards_per_image"] = stats.draft_forwards / images
-        if args.batch8 and ("jacobi_window" in method or not method):
-            record["seconds_per_image_b8"], stats8, images8 = time_method(target, method, 8, 16, args.repeats)
-            if method:
-                record["tokens_per_forward_b8"] = stats8.tokens_per_forward * 1 / 8  # per row: tokens kept per pass
+    if args.batch8:
+        batched = [i for i, (_, method) in enumerate(methods) if "jacobi_window" in method or not method]
+        timings = time_methods(target, [methods[i][1] for i in batched], 8, 16, args.repeats)
+        for i, (seconds, stats8, _) in zip(batched, timings):
+            records[i]["seconds_per_image_b8"] = seconds
+            if methods[i][1]:
+                records[i]["tokens_per_forward_b8"] = stats8.tokens_per_forward / 8  # per row: tokens kept per pass
+    for record, (_, method) in zip(records, methods):
         if args.num_per_class:
-            seeds = [0, 1, 2] if not method else [0]
+            seeds = [0, 1, 2] if not method else list(range(args.quality_seeds))
             scores = [quality(target, vqvae, judge, method, args.num_per_class, args.quality_batch_size, s) for s in seeds]
             record["accuracy"] = [s["accuracy"] for s in scores]
             record["frechet"] = [s["frechet"] for s in scores]
-        records.append(record)
         print(json.dumps(record), file=sys.stderr, flush=True)
     plain = records[0]
-    print(f"target {args.model} ({target.config.num_hidden_layers} layers), draft {args.draft} "
-          f"({draft.config.num_hidden_layers} layers); {torch.get_num_threads()} threads")  # fmt: skip
+    print(f"target {args.model} ({target.config.num_hidden_layers} layers), drafts {', '.join(args.draft)}; "
+          f"{torch.get_num_threads()} threads, batch 1: {args.repeats} x {args.speed_images} images per method")  # fmt: skip
     print("| method | tokens / forward (b1) | target (+ draft) forwards / image | s / image (b1) | speed-up (b1) "
           "| tokens / forward (b8) | speed-up (b8) | accuracy | Frechet |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|")

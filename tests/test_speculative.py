@@ -35,25 +35,27 @@ def models(one_thread):
 
 def exact_distribution(model, guidance_scale, guidance_schedule, temperature):
     """P(image) of plain guided sampling for every image, by teacher forcing (no cache, no generate())."""
-    images = torch.tensor(list(itertools.product(range(CODES), repeat=LENGTH)))
+    codes, length = model.config.codebook_size, model.config.image_seq_len
+    images = torch.tensor(list(itertools.product(range(codes), repeat=length)))
     cond = model.prepare_class_ids([CLASS] * len(images))
     null = model.prepare_class_ids([None] * len(images))
     with torch.no_grad():
         c = model(torch.cat([cond, images], 1)).logits[:, :-1]
         u = model(torch.cat([null, images], 1)).logits[:, :-1]
-    scales = guidance_scales(LENGTH, guidance_scale, guidance_schedule)[None, :, None]
+    scales = guidance_scales(length, guidance_scale, guidance_schedule)[None, :, None]
     log_p = torch.log_softmax((u + (c - u) * scales) / temperature, dim=-1)
     return log_p.gather(-1, images[..., None]).squeeze(-1).sum(-1).exp().double()
 
 
 def sample_counts(model, num_images, batch_size=1, seed=0, **kwargs):
     generator = torch.Generator().manual_seed(seed)
-    counts = torch.zeros(CODES**LENGTH, dtype=torch.long)
-    weights = CODES ** torch.arange(LENGTH - 1, -1, -1)
+    codes, length = model.config.codebook_size, model.config.image_seq_len
+    counts = torch.zeros(codes**length, dtype=torch.long)
+    weights = codes ** torch.arange(length - 1, -1, -1)
     for _ in range(num_images // batch_size):
         ids = model.prepare_class_ids([CLASS] * batch_size)
         out = model.generate(ids, generator=generator, prepack_weights=False, **SAMPLING, **kwargs)
-        counts += torch.bincount((out[:, 1:] * weights).sum(1), minlength=CODES**LENGTH)
+        counts += torch.bincount((out[:, 1:] * weights).sum(1), minlength=codes**length)
     return counts
 
 
@@ -83,6 +85,49 @@ def test_speculative_sampling_matches_the_guided_distribution(models, method):
     # The test has the power to see a wrong acceptance rule: accepting drafts 3x too readily is caught.
     biased = sample_counts(target, 300, batch_size=batch_size, acceptance="relaxed", relax=3.0, **method)
     assert chi_square_p_value(biased, probs) < 1e-4
+
+
+def test_jacobi_guesses_for_new_window_positions_keep_sampling_exact(one_thread):
+    # A window of 1 over 4 tokens: a pass that keeps 2 tokens leaves no guess for the next position, which is then
+    # guessed from the last pass's distribution (the 3 tokens of the tests above never get there).
+    model = random_rar(4, num_layers=2, codebook_size=3, image_seq_len=4)
+    probs = exact_distribution(model, **SAMPLING)
+    assert chi_square_p_value(sample_counts(model, 1200, jacobi_window=1), probs) > 0.01
+
+
+def test_window_processors_match_the_processors_step_by_step():
+    from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    from rar_hf.generation_rar import NonFiniteLogitsError, RARClassifierFreeGuidanceLogitsProcessor, RARFiniteLogitsCheck
+    from rar_hf.speculative_rar import _WindowProcessors
+
+    class PrefixLength(LogitsProcessor):  # reads the prefix: the window must fall back to step by step
+        def __call__(self, input_ids, scores):
+            return scores + input_ids.shape[1]
+
+    def step_by_step(processors, sequence, logits, keep_from):
+        steps = []
+        for i in range(logits.shape[1]):
+            scores = logits[:, i]
+            for processor in processors:
+                scores = processor(sequence[:, : keep_from + i + 1], scores)
+            steps.append(scores)
+        return torch.stack(steps, dim=1)
+
+    torch.manual_seed(0)
+    length, batch_size, keep_from, steps = 16, 2, 5, 7
+    sequence = torch.randint(0, 32, (batch_size, 1 + keep_from + steps))
+    logits = torch.randn(2 * batch_size, steps, 32) * 3
+    guidance = RARClassifierFreeGuidanceLogitsProcessor(guidance_scales(length, 3.0, "pow-cosine", 2.0))
+    warpers = [TemperatureLogitsWarper(0.7), TopKLogitsWarper(9), TopPLogitsWarper(0.8)]
+    for chain, vectorised in [([RARFiniteLogitsCheck(), guidance, *warpers], True), ([guidance, PrefixLength()], False)]:
+        window = _WindowProcessors(LogitsProcessorList(chain), length)
+        assert window.vectorised is vectorised
+        assert torch.equal(window(sequence, logits, keep_from), step_by_step(chain, sequence, logits, keep_from))
+    logits[0, 3, 1] = float("nan")  # the step it belongs to is named, as plain generate() names it
+    window = _WindowProcessors(LogitsProcessorList([RARFiniteLogitsCheck(), guidance]), length)
+    with pytest.raises(NonFiniteLogitsError, match=f"image token {keep_from + 3}"):
+        window(sequence, logits, keep_from)
 
 
 @pytest.fixture(scope="module")
@@ -175,5 +220,5 @@ def test_benchmark_script_prints_the_table():
     result = subprocess.run([sys.executable, repo / "benchmarks" / "speculative.py", *map(str, args)], cwd=repo,
                             capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert "| draft model, 2 tokens | 2.91 | 22.0 (+ 42.0) |" in result.stdout
+    assert "| draft model (4-layer), 2 tokens | 2.91 | 22.0 (+ 42.0) |" in result.stdout
     assert "| Jacobi, window 2 |" in result.stdout
