@@ -83,7 +83,8 @@ class RARAttention(nn.Module):
                 # A static cache returns all its slots; the ones past the sequence are masked, so skip reading them.
                 key, value = key[:, :, :kv_length], value[:, :, :kv_length]
                 attention_mask = attention_mask[..., :kv_length]
-        if seq_len == 1 and last_position is not None and query.dtype == torch.float32:
+        sdpa = self.config._attn_implementation == "sdpa"
+        if seq_len == 1 and last_position is not None and sdpa and query.dtype == torch.float32:
             # Compiled float32 CPU step over a static cache: an opaque op reads only the filled slots (a length the
             # graph cannot know without recompiling at every step). In half precision, inductor's own fusion of
             # `decoding_attention_forward` over all slots is faster than this op (42 against 46 ms per RAR-B step).
