@@ -121,11 +121,11 @@ def test_window_processors_match_the_processors_step_by_step():
     guidance = RARClassifierFreeGuidanceLogitsProcessor(guidance_scales(length, 3.0, "pow-cosine", 2.0))
     warpers = [TemperatureLogitsWarper(0.7), TopKLogitsWarper(9), TopPLogitsWarper(0.8)]
     for chain, vectorised in [([RARFiniteLogitsCheck(), guidance, *warpers], True), ([guidance, PrefixLength()], False)]:
-        window = _WindowProcessors(LogitsProcessorList(chain), length)
+        window = _WindowProcessors(LogitsProcessorList(chain))
         assert window.vectorised is vectorised
         assert torch.equal(window(sequence, logits, keep_from), step_by_step(chain, sequence, logits, keep_from))
     logits[0, 3, 1] = float("nan")  # the step it belongs to is named, as plain generate() names it
-    window = _WindowProcessors(LogitsProcessorList([RARFiniteLogitsCheck(), guidance]), length)
+    window = _WindowProcessors(LogitsProcessorList([RARFiniteLogitsCheck(), guidance]))
     with pytest.raises(NonFiniteLogitsError, match=f"image token {keep_from + 3}"):
         window(sequence, logits, keep_from)
 

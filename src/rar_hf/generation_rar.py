@@ -72,8 +72,16 @@ class RARClassifierFreeGuidanceLogitsProcessor(LogitsProcessor):
                 f"Classifier-free guidance expects 2 x {batch_size} rows of logits ([conditional; null]), got "
                 f"{scores.shape[0]}: the model must be called through RARForImageGeneration.generate()."
             )
-        step = input_ids.shape[1] - self.prompt_length
-        scale = self.guidance_scales[min(step, len(self.guidance_scales) - 1)]
+        return self.guide(scores, self.scale_for(input_ids.shape[1]))
+
+    def scale_for(self, length: int) -> float:
+        """The scale of the step that continues a sequence of `length` tokens (prompt included)."""
+        return self.guidance_scales[min(length - self.prompt_length, len(self.guidance_scales) - 1)]
+
+    @staticmethod
+    def guide(scores: torch.Tensor, scale) -> torch.Tensor:
+        """`[conditional; null]` rows (along dim 0; any trailing shape) -> guided rows, for a scale or a tensor of them."""
+        batch_size = scores.shape[0] // 2
         cond, uncond = scores[:batch_size], scores[batch_size:]
         # Formed as u + (c - u) * s even when s == 1, as the official sampler (bit-level parity).
         return uncond + (cond - uncond) * scale

@@ -106,17 +106,10 @@ class _WindowProcessors:
     runs step by step, as before.
     """
 
-    def __init__(self, processors: LogitsProcessorList, num_steps: int):
+    def __init__(self, processors: LogitsProcessorList):
         self.processors = processors
         known = _ROW_WISE_PROCESSORS + (RARClassifierFreeGuidanceLogitsProcessor, RARFiniteLogitsCheck)
         self.vectorised = all(type(processor) in known for processor in processors)
-        # Per-step guidance scales, indexed by the length of the sequence a step continues (as the processor reads it).
-        self.scales = {}
-        for processor in processors:
-            if type(processor) is RARClassifierFreeGuidanceLogitsProcessor:
-                steps = torch.arange(num_steps + 1) + 1 - processor.prompt_length
-                table = torch.tensor(processor.guidance_scales, dtype=torch.float32)
-                self.scales[id(processor)] = table[steps.clamp(0, len(table) - 1)]
 
     def __call__(self, sequence: torch.LongTensor, logits: torch.Tensor, keep_from: int) -> torch.Tensor:
         """Scores `(B, T, V)` of steps `keep_from .. keep_from + T - 1` from the model's logits `(R, T, V)`."""
@@ -132,10 +125,9 @@ class _WindowProcessors:
                 else:
                     processor(sequence[:, :end], scores)
             elif type(processor) is RARClassifierFreeGuidanceLogitsProcessor:
-                batch_size = sequence.shape[0]
-                scale = self.scales[id(processor)][keep_from:end].to(scores.device)[None, :, None]
-                cond, uncond = scores[:batch_size], scores[batch_size:]
-                scores = uncond + (cond - uncond) * scale
+                # Step i of the window continues a sequence of keep_from + i + 1 tokens, as the processor counts.
+                scale = [processor.scale_for(length) for length in range(keep_from + 1, end + 1)]
+                scores = processor.guide(scores, torch.tensor(scale, device=scores.device)[None, :, None])
             else:
                 rows, steps, vocab = scores.shape
                 scores = processor(sequence[:, :end], scores.reshape(rows * steps, vocab)).reshape(rows, steps, vocab)
@@ -165,7 +157,7 @@ class _GuidedModel:
     def __init__(self, model, input_ids, orders, guidance: bool, processors: LogitsProcessorList, cache_implementation):
         self.model, self.guidance = model, guidance
         config = model.config
-        self.processors = _WindowProcessors(processors, config.image_seq_len)
+        self.processors = _WindowProcessors(processors)
         rows = input_ids.shape[0] * (2 if guidance else 1)
         if cache_implementation == "static":
             # cls, the class token and every image token but the last (never fed); headroom for none beyond.
