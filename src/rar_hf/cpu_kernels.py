@@ -148,6 +148,17 @@ class PackedLinear(nn.Module):
             )
         return super()._apply(fn, recurse)
 
+    def __getstate__(self):
+        # deepcopy and pickle: oneDNN's opaque tensor has no storage to copy, so the plain weight travels instead.
+        state = super().__getstate__().copy()
+        state["packed_weight"] = self.packed_weight.to_dense()
+        return state
+
+    def __setstate__(self, state):
+        weight = state.pop("packed_weight")
+        super().__setstate__(state)
+        self._pack(weight, self.num_rows)
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         destination[prefix + "weight"] = self.weight
         super()._save_to_state_dict(destination, prefix, keep_vars)
