@@ -97,9 +97,8 @@ def test_packed_layers_refuse_what_they_cannot_do_in_one_line():
     with pytest.raises(RuntimeError, match=r"inference-only CPU kernel .*disable_cpu_fast_paths"):
         model.train()(input_ids=torch.tensor([[17, 3, 4]]))
     model.eval()
-    with pytest.raises(RuntimeError, match=r"Cannot move or cast packed CPU linear layers .*disable_cpu_fast_paths"):
-        model.to(torch.float64)
-    model.to("cpu")  # a no-op move is fine
+    model.to("cpu")  # a no-op move keeps the packed weights
+    assert model.lm_head.packed_weight is not None
     # load_state_dict repacks what it loads; deepcopy keeps the layers working.
     state = _state(model)
     with torch.no_grad():
@@ -110,8 +109,15 @@ def test_packed_layers_refuse_what_they_cannot_do_in_one_line():
     ids = torch.tensor([[17, 3, 4]])
     with torch.no_grad():
         torch.testing.assert_close(clone(input_ids=ids).logits, model(input_ids=ids).logits)
+    # Cast to a dtype oneDNN does not pack: the layers follow and run F.linear, exactly as the plain model.
+    plain = tiny_model().to(torch.float64)
+    model.to(torch.float64)
+    assert model.lm_head.packed_weight is None and model.lm_head.weight.dtype == torch.float64
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, plain(input_ids=ids).logits)
     disable_cpu_fast_paths(model)
-    assert _same_state(model, state)
+    assert _same_state(model, {k: v.to(torch.float64) for k, v in state.items()})
+    assert type(model.lm_head) is torch.nn.Linear
 
 
 def test_weights_that_cannot_be_packed_stay_plain():

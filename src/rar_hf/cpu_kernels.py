@@ -106,16 +106,22 @@ class PackedLinear(nn.Module):
         self.train(linear.training)
 
     def _pack(self, weight: torch.Tensor, num_rows: int | None = None):
+        """Hold `weight` packed when oneDNN can pack it here, else as it is (moved to another device or dtype, the
+        layer runs `F.linear`)."""
         self.num_rows = num_rows
         self.packed_dtype = weight.dtype
-        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight, num_rows)
         self.key = id(self)
-        _PACKED_LAYERS[self.key] = self
+        if can_pack(weight):
+            self.packed_weight, self.plain_weight = torch.ops.mkldnn._reorder_linear_weight(weight, num_rows), None
+            _PACKED_LAYERS[self.key] = self
+        else:
+            self.packed_weight, self.plain_weight = None, weight
+            _PACKED_LAYERS.pop(self.key, None)
 
     @property
     def weight(self) -> torch.Tensor:
         """The weight in the plain layout (a copy; change weights only after [`replace_with_plain_linear`])."""
-        return self.packed_weight.to_dense()
+        return self.packed_weight.to_dense() if self.packed_weight is not None else self.plain_weight
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, packed"
@@ -126,36 +132,36 @@ class PackedLinear(nn.Module):
                 "PackedLinear is an inference-only CPU kernel (no gradients): call "
                 "rar_hf.disable_cpu_fast_paths(model) (or replace_with_plain_linear) before training."
             )
+        if self.packed_weight is None:  # moved off the CPU or to a dtype oneDNN does not pack
+            return F.linear(input, self.plain_weight, self.bias)
         if torch.compiler.is_compiling():
             return packed_linear(input, self.key, self.bias, self.out_features)
-        if input.device.type != "cpu":
-            raise RuntimeError(
-                f"PackedLinear runs on the CPU, got an input on {input.device}: call "
-                "rar_hf.disable_cpu_fast_paths(model) before moving the model to another device."
-            )
         with torch.no_grad():
             if input.dtype != self.packed_dtype:
                 return F.linear(input, self.weight.to(input.dtype), None if self.bias is None else self.bias.to(input.dtype))
             return packed_product(input, self.packed_weight, self.bias)
 
     def _apply(self, fn, recurse=True):
-        # .to()/.float()/.cuda(): a no-op on the packed weight passes; anything that would move or cast it cannot.
-        moved = fn(torch.empty(0, dtype=self.packed_dtype))
-        if moved.device.type != "cpu" or moved.dtype != self.packed_dtype:
-            raise RuntimeError(
-                f"Cannot move or cast packed CPU linear layers (to {moved.device}, {moved.dtype}): call "
-                "rar_hf.disable_cpu_fast_paths(model) (or pipe.disable_cpu_fast_paths()) first."
-            )
+        # .to()/.float()/.cuda(): the weight follows, repacked if oneDNN can pack it there, else held plain (the layer
+        # then runs F.linear; disable_cpu_fast_paths gives the nn.Linear back).
+        moved = fn(self.weight)
+        if moved.device != self.weight.device or moved.dtype != self.weight.dtype:
+            self._pack(moved, self.num_rows)
+            if self.packed_weight is None:
+                logger.warning_once(
+                    f"Packed CPU linear layers moved to {moved.device}/{moved.dtype} run F.linear: call "
+                    "rar_hf.disable_cpu_fast_paths(model) to get plain nn.Linear layers back."
+                )
         return super()._apply(fn, recurse)
 
     def __getstate__(self):
         # deepcopy and pickle: oneDNN's opaque tensor has no storage to copy, so the plain weight travels instead.
         state = super().__getstate__().copy()
-        state["packed_weight"] = self.packed_weight.to_dense()
+        state["packed_weight"], state["plain_weight"] = None, self.weight
         return state
 
     def __setstate__(self, state):
-        weight = state.pop("packed_weight")
+        weight = state.pop("plain_weight")
         super().__setstate__(state)
         self._pack(weight, self.num_rows)
 
@@ -179,7 +185,7 @@ class PackedLinear(nn.Module):
         linear = self.original_class.__new__(self.original_class)
         nn.Module.__init__(linear)
         linear.in_features, linear.out_features = self.in_features, self.out_features
-        linear.weight = nn.Parameter(self.packed_weight.to_dense())
+        linear.weight = nn.Parameter(self.weight)
         linear.bias = self.bias
         linear.train(self.training)
         return linear
