@@ -72,7 +72,12 @@ def check_snapshot(var, env, repo):
             f"{what} clone that has this commit> (git -C <dir> fetch origin {commit}); looked for {var} (unset) and "
             f"in {', '.join(looked)}."
         )
-    if not os.path.isdir(path) or not has_commit(path, commit):
+    if not os.path.isdir(path):
+        return None, (
+            f"missing: {var}={path} does not exist (a git snapshot of {what} holding commit {commit[:10]}, for "
+            f"{needed}). Point {var} at the git directory of a {what} clone that has this commit."
+        )
+    if not has_commit(path, commit):
         return None, (
             f"missing: {var}={path} is not a git directory holding commit {commit[:10]} of {what} (for {needed}). "
             f"Fetch it (git -C {path} fetch origin {commit}) or point {var} at a clone that has it."

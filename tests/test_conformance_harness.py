@@ -139,6 +139,8 @@ def test_a_snapshot_without_the_pinned_commit_is_refused(tmp_path):
     path, problem = run.check_snapshot("DF_GIT", {}, str(repo))
     assert path is None and f"DF_GIT={mirror} is not a git directory holding commit {run.DF_COMMIT[:10]}" in problem
     assert f"git -C {mirror} fetch origin {run.DF_COMMIT}" in problem
+    path, problem = run.check_snapshot("TF_GIT", {"TF_GIT": str(tmp_path / "nowhere")}, str(repo))
+    assert path is None and f"TF_GIT={tmp_path / 'nowhere'} does not exist" in problem
 
 
 def test_main_exits_2_and_says_what_is_missing(tmp_path, monkeypatch, capsys):
@@ -164,9 +166,9 @@ def test_drift_patches_apply_exactly_or_refuse(tmp_path):
 
 def test_export_follows_relative_and_tests_imports():
     text = "from .x import y\nfrom ..common import z\nfrom tests.utils import helper\nimport tests.deep.mod\nimport os\n"
-    modules = report_modules = export.imported_modules("tests/models/test_a.py", text)
+    modules = export.imported_modules("tests/models/test_a.py", text)
     assert {"tests.models.x", "tests.models.x.y", "tests.common", "tests.utils", "tests.deep.mod"} <= set(modules)
-    assert not any(m.startswith("os") for m in report_modules)
+    assert not any(m.startswith("os") for m in modules)
 
 
 # ------------------------------------------------------------------------------------------ the suites' record
