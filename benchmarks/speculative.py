@@ -113,7 +113,7 @@ def pass_cost(preset, repeats=5):
     sequence[:, 0] = model.prepare_class_ids([0])[:, 0]
     rows = {}
     with cpu_fast_paths(model, num_rows=1):
-        guided = _GuidedModel(model, 1, None, False, [], "static")
+        guided = _GuidedModel(model, 1, None, False, [], "static", model.config.image_seq_len + 1)
         guided.scores(sequence, prefix, prefix - 1)
         for new_tokens in (1, 5, 9, 17):
             times = []

@@ -187,7 +187,8 @@ def test_generate_dict_outputs(cache, guidance_scale, do_sample):
     for step in range(steps):
         # the slots this step ran: cls + condition at first, then the newest token (the whole sequence without cache)
         new = 2 + step if cache == "no-cache" else (2 if step == 0 else 1)
-        kv = L + 1 if cache == "static" else 2 + step  # a static cache shows all its slots (masked), as in llama
+        # a static cache (sized for the call: cls + class + steps - 1) shows all its slots, masked, as in llama
+        kv = 1 + steps if cache == "static" else 2 + step
         assert out.scores[step].shape == (batch, V) and out.logits[step].shape == (rows, V)
         assert len(out.hidden_states[step]) == layers + 1 and len(out.attentions[step]) == layers
         assert all(h.shape == (rows, new, 32) for h in out.hidden_states[step])

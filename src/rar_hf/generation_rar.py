@@ -35,6 +35,7 @@ from .sampling_rar import (  # noqa: F401  (re-exported: the public names of RAR
     RARSamplingLogitsProcessor,
     RARStepCallback,
     active_guidance_processors,
+    cache_room,
     cache_rows,
     cached_entries,
     check_generators,
@@ -293,6 +294,13 @@ class RARGenerationMixin(GenerationMixin):
                     f"{' x 2 for guidance' if guidance else ''}): continue with the guidance setting and batch of the "
                     "call that made it."
                 )
+            room = cache_room(cache)
+            if room is not None and room < prompt_tokens + 1 + max_new:
+                raise ValueError(
+                    f"The static cache has room for {room} slots but this call needs {prompt_tokens + 1 + max_new} (the "
+                    "cls slot, the class token and the image tokens): pass max_cache_len=<1 + image_seq_len> to the call "
+                    "that creates it, or use cache_implementation='dynamic'."
+                )
             if fed > input_ids.shape[1]:
                 raise ValueError(
                     f"The cache holds {fed} entries of the sequence but input_ids only {input_ids.shape[1]}: pass the "
@@ -469,11 +477,10 @@ class RARGenerationMixin(GenerationMixin):
     def _prepare_cache_for_generation(
         self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length, *args, **kwargs
     ):
-        # With guidance the cache also holds the null rows. A static cache always has room for a whole image (the cls
-        # slot, the class token and every image token but the last), so that a later call can continue from it and a
-        # compiled step never sees another shape.
+        # The cache also holds the cls slot (one more than the sequence) and, with guidance, the null rows. A static
+        # cache is sized for this call, as transformers sizes it (`max_cache_len=` sizes it for more, e.g. to continue
+        # from it later).
         batch_size = batch_size * (2 if model_kwargs.get("guidance") else 1)
-        max_cache_length = max(max_cache_length + 1, self.config.image_seq_len + 1)
         return super()._prepare_cache_for_generation(
-            generation_config, model_kwargs, generation_mode, batch_size, max_cache_length, *args, **kwargs
+            generation_config, model_kwargs, generation_mode, batch_size, max_cache_length + 1, *args, **kwargs
         )

@@ -277,15 +277,17 @@ class RARPipeline(DiffusionPipeline):
             if callback_on_step_end is None:
                 return None
             guidance_scale = self._guidance_scale
-            callback_kwargs = {name: tokens for name in tensor_inputs}
+            callback_kwargs = {name: tokens.clone() for name in tensor_inputs}
             outputs = callback_on_step_end(self, len(done) - 1, index, callback_kwargs) or {}
             if self._guidance_scale != guidance_scale:
                 for processor in active_guidance_processors():
                     processor.set_guidance_scale(self._guidance_scale, from_step=index + 1)
-            replaced = [outputs[name] for name in ("latents", "tokens") if outputs.get(name) is not None]
-            if len(replaced) == 2 and not torch.equal(replaced[0], replaced[1]):
-                raise ValueError("callback_on_step_end returned different `latents` and `tokens`: return one of them.")
-            return replaced[0] if replaced else None
+            # A returned tensor that differs from the tokens (replaced, or edited in place) is continued from.
+            changed = [outputs[name] for name in ("latents", "tokens") if name in outputs]
+            changed = [value for value in changed if value is not None and not torch.equal(value, tokens)]
+            if len(changed) == 2 and not torch.equal(changed[0], changed[1]):
+                raise ValueError("callback_on_step_end changed `latents` and `tokens` differently: change one of them.")
+            return changed[0] if changed else None
 
         return on_token
 

@@ -468,3 +468,10 @@ def cache_rows(cache) -> int | None:
         if isinstance(keys, torch.Tensor) and keys.dim() == 4 and keys.numel():
             return keys.shape[0]
     return None
+
+
+def cache_room(cache) -> int | None:
+    """Slots a static (fixed-size) cache can hold, or `None` for a cache that grows."""
+    lengths = [getattr(layer, "max_cache_len", None) for layer in getattr(cache, "layers", ())]
+    lengths = [length for length in lengths if isinstance(length, int) and length > 0]
+    return min(lengths) if lengths and getattr(cache, "is_compileable", False) else None

@@ -169,15 +169,17 @@ class _GuidedModel:
     continues, as plain `generate()` does one step at a time (with guidance, the model runs `[conditional; null]`).
     """
 
-    def __init__(self, model, rows: int, orders, guidance: bool, processors, cache_implementation, cache=None, outputs=()):
+    def __init__(
+        self, model, rows, orders, guidance, processors, cache_implementation, max_length, cache=None, outputs=()
+    ):
         self.model, self.guidance, self.orders = model, guidance, orders
         config = model.config
         self.processors = _WindowProcessors(processors)
         if cache is not None:
             self.cache: Cache = cache
         elif cache_implementation == "static":
-            # cls, the class token and every image token but the last (never fed), as plain generate()'s.
-            self.cache = StaticCache(config=config, max_cache_len=config.image_seq_len + 1)
+            # Sized as plain generate() sizes it: the cls slot and every entry but the last (never fed).
+            self.cache = StaticCache(config=config, max_cache_len=max_length)
         elif cache_implementation in (None, "dynamic"):
             self.cache = DynamicCache(config=config)
         else:
@@ -425,22 +427,24 @@ def speculative_generate(
     rows = batch_size * (2 if guidance else 1)
     do_sample = bool(generation_config.do_sample)
     goal = input_ids.shape[1] - 1 + generation_config.max_new_tokens
+    generation_config = copy.copy(generation_config)
+    generation_config.max_length = input_ids.shape[1] + generation_config.max_new_tokens
+    model._prepare_special_tokens(generation_config, False, device=input_ids.device, batch_size=batch_size)
     # The processor chain plain generate() builds (RAR's guidance, transformers' processors, user ones, warpers).
     processors = model._get_logits_processor(
         generation_config, input_ids_seq_length=input_ids.shape[1], encoder_input_ids=input_ids,
         logits_processor=logits_processor or LogitsProcessorList(), device=input_ids.device,
         model_kwargs={"guidance": guidance},
     )  # fmt: skip
-    generation_config = copy.copy(generation_config)
-    generation_config.max_length = input_ids.shape[1] + generation_config.max_new_tokens
-    model._prepare_special_tokens(generation_config, False, device=input_ids.device, batch_size=batch_size)
     stopping_criteria = model._get_stopping_criteria(generation_config, stopping_criteria=user_criteria or [])
     run = _Run(model, input_ids, generation_config, stopping_criteria, streamer, step_callback, goal)
     outputs = [name for name in ("logits", "hidden_states", "attentions") if run.keep[name]]
     drawer = _Drawer(generator, batch_size, input_ids.device)
     stats = stats if stats is not None else SpeculativeStats()
     cache_implementation = generation_config.cache_implementation
-    target = _GuidedModel(model, rows, orders, guidance, processors, cache_implementation, cache, outputs)
+    target = _GuidedModel(
+        model, rows, orders, guidance, processors, cache_implementation, generation_config.max_length, cache, outputs
+    )
     run.static_cache = isinstance(target.cache, StaticCache)
     if assistant_model is not None:
         check_assistant(model, assistant_model)
@@ -449,7 +453,9 @@ def speculative_generate(
             window = getattr(assistant_model.generation_config, "num_assistant_tokens", None) or 4
         if type(window) is not int or window < 1:
             raise ValueError(f"num_assistant_tokens must be a positive int, got {window!r}.")
-        draft = _GuidedModel(assistant_model, rows, orders, guidance, processors, cache_implementation)
+        draft = _GuidedModel(
+            assistant_model, rows, orders, guidance, processors, cache_implementation, generation_config.max_length
+        )
         _draft_model_loop(run, target, draft, window, drawer, acceptance, relax, do_sample, stats)
         stats.draft_forwards += draft.forwards
     else:

@@ -30,11 +30,8 @@ Test strength:
   A7 RARModelTestNonZeroAdaLN runs everything again with adaLN modulations initialised N(0, 0.2): a fresh RAR is
      adaLN-zero (every block the identity), so cache / attention / batching comparisons would hold even if broken.
 Current limitations (delete the marked code when the limitation goes):
-  A4 generate() takes one class token per row (B, 1): prepare_config_and_inputs_for_generate keeps input_ids[:, :1]
-     and sets the tester's seq_length to 1 (the mixin reads the prompt length from it).
-     DELETE `prepare_config_and_inputs_for_generate` below once generate() accepts (B, 1 + k) prefixes.
 Tiny config: hidden 32, 2 layers, 4 heads, MLP 64, codebook 16, 10 classes, dropout 0, image_seq_len 36 (6 x 6): a
-full 7-token prompt (A4 dropped) plus the 20 new tokens of test_generate_with_static_cache must fit in an image.
+full 7-token prompt plus the 20 new tokens of test_generate_with_static_cache must fit in an image.
 """
 
 import unittest
@@ -193,14 +190,6 @@ class RARModelTest(ModelTesterMixin, GenerationTesterMixin, unittest.TestCase):
         super()._check_hidden_states_for_generate(
             batch_size, hidden_states, prompt_length + 1, output_length + 1, config, use_cache
         )
-
-    # A4 (LIMITATION): generate() prompts are (B, 1) class tokens. Delete this method once generate() accepts
-    # (B, 1 + k) prefixes.
-    def prepare_config_and_inputs_for_generate(self, batch_size=2):
-        config, inputs = super().prepare_config_and_inputs_for_generate(batch_size=batch_size)
-        inputs["input_ids"] = inputs["input_ids"][:, :1]
-        self.model_tester.seq_length = 1
-        return config, inputs
 
 
 _stock_init_weights = RARPreTrainedModel._init_weights
