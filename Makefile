@@ -20,7 +20,7 @@ export TOKENIZERS_PARALLELISM = false
 export PYTHONUNBUFFERED = 1
 export GRADIO_ANALYTICS_ENABLED = False
 
-.PHONY: demo app test browser tiny-digits bench clean-venv
+.PHONY: demo app test browser tiny-digits bench conformance clean-venv
 
 $(VENV)/.installed: setup.cfg constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,17 @@ tiny-digits: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/run_all.py
+
+# transformers' and diffusers' own test mixins on rar_hf (conformance/README.md). Needs git snapshots of both
+# upstreams (TF_GIT= / DF_GIT=, or .mirror/ folders next to or above the repo) and downloads the transformers sdist
+# once into .conformance/sdist. A subset: make conformance CONFORMANCE_ARGS="--suite diffusers -k callback".
+CONFORMANCE_ARGS ?=
+$(VENV)/.conformance-installed: $(VENV)/.installed setup.cfg constraints.txt
+	$(PIP) install -q -c constraints.txt -e ".[conformance]"
+	touch $@
+
+conformance: $(VENV)/.conformance-installed
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m conformance $(CONFORMANCE_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

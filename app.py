@@ -116,7 +116,7 @@ def build_demo(pipe: RARPipeline, title: str = "RAR") -> gr.Blocks:
             stop.set()
             worker.join()
 
-    defaults = config.sampling_defaults
+    defaults = pipe.transformer.generation_config
     with gr.Blocks(title=title, **({} if STYLE_IN_LAUNCH else STYLE)) as demo:
         gr.Markdown(f"# {title}\nClass-conditional image generation with RAR, one image token at a time.")
         with gr.Row():
@@ -126,10 +126,10 @@ def build_demo(pipe: RARPipeline, title: str = "RAR") -> gr.Blocks:
                 )
                 num_images = gr.Slider(1, MAX_IMAGES, value=4, step=1, label="Number of images", elem_id="num-images")
                 guidance_scale = gr.Slider(
-                    1.0, 10.0, value=defaults["guidance_scale"], step=0.1, label="Guidance scale", elem_id="guidance"
+                    1.0, 10.0, value=defaults.guidance_scale, step=0.1, label="Guidance scale", elem_id="guidance"
                 )
                 temperature = gr.Slider(
-                    0.1, 2.0, value=defaults["temperature"], step=0.01, label="Temperature", elem_id="temperature"
+                    0.1, 2.0, value=defaults.temperature, step=0.01, label="Temperature", elem_id="temperature"
                 )
                 seed = gr.Number(value=0, precision=0, label="Seed", elem_id="seed")
                 button = gr.Button("Generate", variant="primary", elem_id="generate")

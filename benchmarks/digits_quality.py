@@ -88,7 +88,7 @@ def train_twin(path, work_dir):
 def evaluate_model(path, judge, args):
     pipe = RARPipeline.from_pretrained(path)
     pipe.set_progress_bar_config(disable=True)
-    default = pipe.transformer.config.sampling_defaults["guidance_scale"]
+    default = pipe.transformer.generation_config.guidance_scale
     scales = args.guidance_scales or list(dict.fromkeys([default, 1.0, 1.5, 2.0, 3.0]))
     rows = []
     for scale in scales:

@@ -181,11 +181,9 @@ def parse_args(argv=None):
     p.add_argument("--compile_mode", default=None,
                    help="torch.compile mode (default: reduce-overhead on CUDA with a static cache, else default).")
     p.add_argument("--fullgraph", action="store_true", help="Compile with fullgraph=True (fails on graph breaks).")
-    p.add_argument("--no_prepack", action="store_true",
-                   help="generate(prepack_weights=False): plain F.linear instead of oneDNN-prepacked weights on CPU.")
-    p.add_argument("--prepack_once", action="store_true",
-                   help="Pack the weights in a rar_hf.prepacked_linear_weights block around all runs (restored "
-                        "after them); without it generate() packs at the first call and keeps them packed.")
+    p.add_argument("--no_fast_paths", action="store_true",
+                   help="The plain model (nn.Linear, sdpa) instead of rar_hf.enable_cpu_fast_paths (oneDNN-packed "
+                        "linears and the CPU decoding attention, applied once before the runs) on CPU.")
     p.add_argument("--guidance_scale", type=float, default=2.0, help="CFG scale; != 1 doubles the batch.")
     p.add_argument("--guidance_scale_pow", type=float, default=0.0, help="pow-cosine exponent (no effect on speed).")
     p.add_argument("--temperature", type=float, default=1.0, help="Sampling temperature.")
@@ -262,7 +260,7 @@ def main(argv=None):
     if args.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
     model = build_model(args.preset, dtype, device, seed=args.seed).eval()
-    from rar_hf.prepacked_linear import prepacked_linear_weights, unpack_linear_weights
+    from rar_hf import disable_cpu_fast_paths, enable_cpu_fast_paths
 
     config = model.config
     length = config.image_seq_len
@@ -276,7 +274,7 @@ def main(argv=None):
     def hf_runner():
         kwargs = dict(do_sample=True, temperature=args.temperature, max_new_tokens=num_tokens, min_new_tokens=num_tokens,
                       use_cache=args.cache != "none", cache_implementation="static" if args.cache == "static" else None,
-                      disable_compile=True, prepack_weights=not args.no_prepack)
+                      disable_compile=True)
         if args.compile:
             mode = args.compile_mode or ("reduce-overhead" if device.type == "cuda" and args.cache == "static" else "default")
             if args.cache == "static":
@@ -297,13 +295,14 @@ def main(argv=None):
                                         num_tokens=num_tokens)
 
     def measure(impl, make_runner):
-        if impl == "official":
-            # generate() leaves the model on packed weights; the baseline runs the official F.linear products.
-            unpack_linear_weights(model)
+        fast_paths = impl == "hf" and not args.no_fast_paths and device.type == "cpu"
+        if fast_paths:  # what RARPipeline and the CLI run on a CPU (the official baseline: plain F.linear and sdpa)
+            enable_cpu_fast_paths(model, num_rows=2 * args.batch_size)
+        else:
+            disable_cpu_fast_paths(model)
         reset_peak_memory(device)
         torch.manual_seed(args.seed)
-        outer = impl == "hf" and args.prepack_once and not args.no_prepack
-        with torch.no_grad(), prepacked_linear_weights(model, 2 * args.batch_size, enabled=outer):
+        with torch.no_grad():
             warmup = args.warmup if impl == "hf" or args.baseline_warmup is None else args.baseline_warmup
             times = time_runs(make_runner(), device, args.repeats, warmup)
         seconds = statistics.median(times)
@@ -313,8 +312,7 @@ def main(argv=None):
             "dtype": args.dtype, "cache": args.cache if impl == "hf" else "official",
             "compile": "compile" if args.compile and impl == "hf" else "eager",
             "compile_mode": args.compile_mode if impl == "hf" else None, "guidance_scale": args.guidance_scale,
-            "prepack": (impl == "hf" and not args.no_prepack and device.type == "cpu") and (
-                "once" if args.prepack_once else "kept across calls"),
+            "fast_paths": fast_paths,
             "num_tokens": num_tokens, "image_seq_len": length, "extrapolated": num_tokens < length,
             "decode": args.decode, "tf32": args.tf32, "seconds": seconds, "all_seconds": times,
             "tokens_per_s": args.batch_size * num_tokens / seconds,

@@ -61,9 +61,9 @@ def main(argv=None):
 
         report("MKL packed sgemm", mkl_packed)
         del packed
-    from rar_hf.prepacked_linear import can_prepack
+    from rar_hf.cpu_kernels import can_pack
 
-    if can_prepack(weights[0]):
+    if can_pack(weights[0]):
         packed = [torch.ops.mkldnn._reorder_linear_weight(w, args.rows) for w in weights]
 
         def onednn_packed():

@@ -33,7 +33,7 @@ def cpu_grid(preset="rar-b", train_preset=None, **_):
     return [
         (GEN, common + ["--dtype", "float32", "--cache", "dynamic"], 300),
         (GEN, common + ["--dtype", "float32", "--cache", "static"], 300),
-        (GEN, common + ["--dtype", "float32", "--cache", "static", "--no_prepack"], 300),
+        (GEN, common + ["--dtype", "float32", "--cache", "static", "--no_fast_paths"], 300),
         (GEN, common + ["--dtype", "float32", "--cache", "dynamic", "--compile"], 900),
         (GEN, common + ["--dtype", "float32", "--cache", "static", "--compile"], 900),
         (GEN, common + ["--dtype", "bfloat16", "--cache", "dynamic"], 300),
@@ -173,8 +173,7 @@ def row_for(record, records):
         if same:
             notes.append(f"{same[0]['seconds'] / record['seconds']:.2f}x vs official")
     if record["impl"] == "hf" and record["device"] == "cpu" and record["compile"] == "eager":
-        prepack = record.get("prepack")
-        notes.append(f"prepacked weights ({prepack})" if prepack else "F.linear (--no_prepack)")
+        notes.append("CPU fast paths" if record.get("fast_paths") else "plain nn.Linear + sdpa (--no_fast_paths)")
     images = f"{record['images_per_s']:.3g}" + ("*" if record["extrapolated"] else "")
     if record.get("compile_mode") and record["compile"] != "eager":
         notes.append(f"mode={record['compile_mode']}")

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from digits_quality import SHIPPED, DigitsJudge  # noqa: E402
 
-from rar_hf import RARForImageGeneration, RARPipeline  # noqa: E402
+from rar_hf import RARForImageGeneration, RARPipeline, enable_cpu_fast_paths  # noqa: E402
 from rar_hf.data.digits import images_to_digits  # noqa: E402
 from rar_hf.speculative_rar import SpeculativeStats  # noqa: E402
 
@@ -104,8 +104,7 @@ def quality(model, vqvae, judge, method, num_per_class, batch_size, seed):
 
 def pass_cost(preset, repeats=5):
     """Median seconds of one guided-free forward pass of T new tokens over a 128-token prefix in a static cache."""
-    from rar_hf import RARConfig
-    from rar_hf.prepacked_linear import prepacked_linear_weights
+    from rar_hf import RARConfig, cpu_fast_paths
     from rar_hf.speculative_rar import _GuidedModel
 
     model = RARForImageGeneration(RARConfig.from_preset(preset)).eval()
@@ -113,8 +112,8 @@ def pass_cost(preset, repeats=5):
     sequence = torch.randint(0, model.config.codebook_size, (1, 1 + prefix + 17))
     sequence[:, 0] = model.prepare_class_ids([0])[:, 0]
     rows = {}
-    with prepacked_linear_weights(model, 1):
-        guided = _GuidedModel(model, sequence[:, :1], None, False, [], "static")
+    with cpu_fast_paths(model, num_rows=1):
+        guided = _GuidedModel(model, 1, None, False, [], "static", model.config.image_seq_len + 1)
         guided.scores(sequence, prefix, prefix - 1)
         for new_tokens in (1, 5, 9, 17):
             times = []
@@ -124,7 +123,7 @@ def pass_cost(preset, repeats=5):
                 times.append(time.perf_counter() - start)
                 guided.rollback(prefix)
             rows[new_tokens] = statistics.median(times)
-    print(f"{preset}, batch 1, float32, prepacked, {torch.get_num_threads()} threads: one forward pass after {prefix} tokens")
+    print(f"{preset}, batch 1, float32, CPU fast paths, {torch.get_num_threads()} threads: one forward pass after {prefix} tokens")
     for new_tokens, seconds in rows.items():
         print(f"  {new_tokens:2d} new tokens: {seconds * 1e3:7.1f} ms ({seconds / rows[1]:.2f}x one token)")
 
@@ -137,6 +136,8 @@ def main(args):
     pipe = RARPipeline.from_pretrained(args.model)
     target, vqvae = pipe.transformer.eval(), pipe.vqvae
     drafts = [load_transformer(path) for path in args.draft] if args.num_assistant_tokens else []
+    for model in [target, *drafts]:  # every method on the CPU fast paths, as the pipeline runs them
+        enable_cpu_fast_paths(model, num_rows=8)
     methods = [("plain sampling", {})]
     for prefix, rule in [("", {})] + ([(f"RELAXED x{args.relax:g} (inexact): ", dict(acceptance="relaxed", relax=args.relax))] if args.relax else []):  # fmt: skip
         methods += [

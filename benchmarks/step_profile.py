@@ -28,17 +28,21 @@ def main(argv=None):
     p.add_argument("--num_tokens", type=int, default=64)
     p.add_argument("--guidance_scale", type=float, default=2.0)
     p.add_argument("--bandwidth", type=float, default=47.0, help="GB/s of the machine's memory (the floor).")
-    p.add_argument("--no_prepack", action="store_true")
+    p.add_argument("--no_fast_paths", action="store_true", help="Profile the plain model (nn.Linear, sdpa).")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--top", type=int, default=12, help="Print the N operators with the most self time.")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     model = build_model(args.preset, DTYPES[args.dtype], "cpu").eval()
+    if not args.no_fast_paths:
+        from rar_hf import enable_cpu_fast_paths
+
+        enable_cpu_fast_paths(model, num_rows=2 * args.batch_size)
     kwargs = dict(class_labels=[i % model.config.num_classes for i in range(args.batch_size)], do_sample=True,
                   guidance_scale=args.guidance_scale, max_new_tokens=args.num_tokens, min_new_tokens=args.num_tokens,
-                  disable_compile=True, prepack_weights=not args.no_prepack)
-    model.generate(**kwargs)  # warm-up (and packing)
+                  disable_compile=True)
+    model.generate(**kwargs)  # warm-up
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         model.generate(**kwargs)
     events = prof.key_averages()

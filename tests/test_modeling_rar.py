@@ -1,4 +1,5 @@
 import math
+import os
 
 import numpy as np
 import pytest
@@ -337,23 +338,50 @@ def test_numpy_integers_are_class_labels():
     assert torch.equal(tokens, model.generate(class_labels=[3, 5], generator=seeded(0)))
 
 
-def test_from_pretrained_refuses_weights_that_do_not_match_the_config(tmp_path):
+def test_partial_checkpoints_load_as_in_transformers_and_untrustworthy_ones_are_refused(tmp_path, caplog):
     import json
 
-    tiny_model().save_pretrained(tmp_path)
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_model()
+    model.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    config["num_hidden_layers"] = 3
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"missing keys: 18 \(model\.layers\.2\..*unexpected keys: none"):
+    # A config with one more layer than the weights: transformers' warning, the new layer initialised (adaLN-zero).
+    (tmp_path / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
+    loaded, info = RARForImageGeneration.from_pretrained(tmp_path, output_loading_info=True)
+    assert sorted(info["missing_keys"])[0].startswith("model.layers.2.") and len(info["missing_keys"]) == 18
+    assert loaded.model.layers[2].adaln_modulation.weight.abs().max() == 0
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+    # A base-model (RARModel) checkpoint into the generation class: the head is initialised, the rest loaded.
+    model.model.save_pretrained(tmp_path / "base")
+    loaded, info = RARForImageGeneration.from_pretrained(tmp_path / "base", output_loading_info=True)
+    assert sorted(info["missing_keys"]) == ["lm_head.bias", "lm_head.weight"]
+    assert torch.equal(loaded.model.position_embedding, model.model.position_embedding)
+    # Shapes that do not match the config: one line naming a tensor.
+    (tmp_path / "config.json").write_text(json.dumps({**config, "hidden_size": 48, "intermediate_size": 96}))
+    with pytest.raises(ValueError, match=r"do not match its config: .* has shape \(\d+, 32\) in the checkpoint"):
         RARForImageGeneration.from_pretrained(tmp_path)
-    config["num_hidden_layers"] = 1
+    # NaN weights: refused, naming the tensor.
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"missing keys: none; unexpected keys: 18 \(model\.layers\.1\."):
+    weights = load_file(str(tmp_path / "model.safetensors"))
+    weights["model.layers.1.mlp.fc2.bias"][3] = float("nan")
+    save_file(weights, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"NaN or inf values \(first in model\.layers\.1\.mlp\.fc2\.bias\)"):
         AutoModelForCausalLM.from_pretrained(tmp_path)
-    config["num_hidden_layers"] = 2
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    model, info = RARForImageGeneration.from_pretrained(tmp_path, output_loading_info=True)
-    assert isinstance(model, RARForImageGeneration) and not info["missing_keys"] and not info["unexpected_keys"]
+    # Pickle-format weights: refused before anything is unpickled.
+    (tmp_path / "model.safetensors").unlink()
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"lm_head.bias": Payload()}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="holds pickle-format weights but no model.safetensors"):
+        RARForImageGeneration.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="use_safetensors=False would load pickle-format weights"):
+        RARForImageGeneration.from_pretrained(tmp_path, use_safetensors=False)
+    assert not marker.exists()
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -399,7 +427,12 @@ def test_presets_and_auto_classes(tmp_path):
         16,
         5120,
     )
-    assert config.sampling_defaults == {"guidance_scale": 6.9, "guidance_scale_pow": 1.5, "temperature": 1.02}
+    assert "sampling_defaults" not in config.to_dict() and "legacy_sampling_defaults" not in config.to_dict()
+    with torch.device("meta"):
+        generation_config = RARForImageGeneration(config).generation_config
+    assert (generation_config.guidance_scale, generation_config.guidance_scale_pow, generation_config.temperature) == (
+        6.9, 1.5, 1.02
+    )  # fmt: skip
     with torch.device("meta"):
         n_b = sum(p.numel() for p in RARForImageGeneration(RARConfig.from_preset("B")).parameters())
     assert 255e6 < n_b < 265e6  # paper: 261M (its position tables carry ~1.7M unused rows)

@@ -187,7 +187,8 @@ def test_generate_dict_outputs(cache, guidance_scale, do_sample):
     for step in range(steps):
         # the slots this step ran: cls + condition at first, then the newest token (the whole sequence without cache)
         new = 2 + step if cache == "no-cache" else (2 if step == 0 else 1)
-        kv = 2 + step
+        # a static cache (sized for the call: cls + class + steps - 1) shows all its slots, masked, as in llama
+        kv = 1 + steps if cache == "static" else 2 + step
         assert out.scores[step].shape == (batch, V) and out.logits[step].shape == (rows, V)
         assert len(out.hidden_states[step]) == layers + 1 and len(out.attentions[step]) == layers
         assert all(h.shape == (rows, new, 32) for h in out.hidden_states[step])
@@ -237,8 +238,12 @@ def test_token_counts_beyond_the_image_are_rejected_and_fewer_give_partial_seque
     full = model.generate(class_labels=[1, 2], guidance_scale=2.0, do_sample=False)
     partial = model.generate(class_labels=[1, 2], guidance_scale=2.0, do_sample=False, max_new_tokens=5)
     assert torch.equal(partial, full[:, :6])
-    with pytest.raises(ValueError, match="only returned in raster order"):
-        model.generate(class_labels=[1], max_new_tokens=5, orders="random")
+    # In another order, the positions not generated are -1 (the raster layout of what was generated).
+    orders = torch.stack([torch.randperm(L) for _ in range(2)])
+    full = model.generate(class_labels=[1, 2], guidance_scale=2.0, do_sample=False, orders=orders)
+    partial = model.generate(class_labels=[1, 2], guidance_scale=2.0, do_sample=False, orders=orders, max_new_tokens=5)
+    generated = torch.zeros(2, L, dtype=torch.bool).scatter_(1, orders[:, :5], True)
+    assert torch.equal(partial[:, 1:][generated], full[:, 1:][generated]) and (partial[:, 1:][~generated] == -1).all()
 
 
 @pytest.mark.parametrize(

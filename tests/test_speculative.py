@@ -54,7 +54,7 @@ def sample_counts(model, num_images, batch_size=1, seed=0, **kwargs):
     weights = codes ** torch.arange(length - 1, -1, -1)
     for _ in range(num_images // batch_size):
         ids = model.prepare_class_ids([CLASS] * batch_size)
-        out = model.generate(ids, generator=generator, prepack_weights=False, **SAMPLING, **kwargs)
+        out = model.generate(ids, generator=generator, **SAMPLING, **kwargs)
         counts += torch.bincount((out[:, 1:] * weights).sum(1), minlength=codes**length)
     return counts
 
@@ -152,7 +152,7 @@ def test_greedy_speculative_decoding_gives_the_greedy_tokens(larger_models, meth
     orders = torch.stack([torch.randperm(16) for _ in range(3)])
     for guidance_scale, order in [(3.0, None), (1.0, orders)]:  # a guided schedule; a random order per row
         kwargs = dict(guidance_scale=guidance_scale, guidance_scale_pow=1.0, orders=order, do_sample=False,
-                      cache_implementation=cache_implementation, prepack_weights=False)  # fmt: skip
+                      cache_implementation=cache_implementation)  # fmt: skip
         plain = target.generate(ids, **kwargs)
         assert torch.equal(target.generate(ids, **kwargs, **method), plain)
 
@@ -161,7 +161,7 @@ def test_self_drafting_accepts_every_draft(larger_models):
     target, _ = larger_models
     stats = SpeculativeStats()
     target.generate(target.prepare_class_ids([1]), assistant_model=target, num_assistant_tokens=4, guidance_scale=2.0,
-                    stats=stats, generator=torch.Generator().manual_seed(0), prepack_weights=False)  # fmt: skip
+                    stats=stats, generator=torch.Generator().manual_seed(0))  # fmt: skip
     # 16 tokens as 5 + 5 + 5 + 1 (the last step has nothing after it to draft for).
     assert stats.accepted_per_forward == [5, 5, 5, 1]
     assert (stats.target_forwards, stats.draft_forwards, stats.tokens_per_forward) == (4, 12, 4.0)
@@ -178,8 +178,10 @@ def test_speculative_arguments_are_checked(larger_models):
         target.generate(ids, jacobi_window=0)
     with pytest.raises(ValueError, match="num_assistant_tokens must be a positive int"):
         target.generate(ids, assistant_model=draft, num_assistant_tokens=0)
-    with pytest.raises(ValueError, match=r"does not support generate\(\) argument\(s\) \['output_scores'\]"):
-        target.generate(ids, jacobi_window=2, output_scores=True)
+    with pytest.raises(ValueError, match=r"does not support the generate\(\) argument\(s\) \['my_input'\]"):
+        target.generate(ids, jacobi_window=2, my_input=3)
+    with pytest.raises(ValueError, match=r"\['acceptance'\] only apply to speculative decoding"):
+        target.generate(ids, acceptance="relaxed")
     with pytest.raises(ValueError, match="acceptance must be one of"):
         target.generate(ids, jacobi_window=2, acceptance="greedy")
     with pytest.raises(ValueError, match="use_cache=False"):

@@ -5,9 +5,21 @@ from importlib import import_module
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_rar import RAR_PRESETS, RAR_SAMPLING_DEFAULTS, RARConfig
-from .generation_rar import GUIDANCE_SCHEDULES, RARClassifierFreeGuidanceLogitsProcessor, guidance_scale_at, guidance_scales
+from .cpu_kernels import (
+    cpu_fast_paths,
+    disable_cpu_fast_paths,
+    enable_cpu_fast_paths,
+    replace_with_packed_linear,
+    replace_with_plain_linear,
+)
+from .generation_rar import (
+    GUIDANCE_SCHEDULES,
+    RARClassifierFreeGuidanceLogitsProcessor,
+    RARGenerationMixin,
+    guidance_scale_at,
+    guidance_scales,
+)
 from .modeling_rar import RARForImageGeneration, RARModel, RARPreTrainedModel
-from .prepacked_linear import pack_linear_weights, prepacked_linear_weights, unpack_linear_weights
 
 __version__ = "0.1.0"
 
@@ -29,13 +41,16 @@ __all__ = [
     "RARClassifierFreeGuidanceLogitsProcessor",
     "RARConfig",
     "RARForImageGeneration",
+    "RARGenerationMixin",
     "RARModel",
     "RARPreTrainedModel",
+    "cpu_fast_paths",
+    "disable_cpu_fast_paths",
+    "enable_cpu_fast_paths",
     "guidance_scale_at",
     "guidance_scales",
-    "pack_linear_weights",
-    "prepacked_linear_weights",
-    "unpack_linear_weights",
+    "replace_with_packed_linear",
+    "replace_with_plain_linear",
     *_LAZY,
 ]
 

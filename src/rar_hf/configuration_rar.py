@@ -17,9 +17,6 @@ RAR_SAMPLING_DEFAULTS = {
 }
 
 
-DEFAULT_SAMPLING = dict(guidance_scale=1.0, guidance_scale_pow=0.0, temperature=1.0)
-
-
 def match_preset(config_kwargs: dict) -> str | None:
     """Name of the official size whose width, depth, heads and MLP width match, if any."""
     for name, preset in RAR_PRESETS.items():
@@ -54,10 +51,10 @@ class RARConfig(PreTrainedConfig):
         initializer_range (`float`, *optional*, defaults to 0.02): std of the truncated-normal weight init.
         target_aware_position_embedding_folded (`bool`, *optional*, defaults to `False`): set by
             [`RARForImageGeneration.fold_target_aware_position_embedding`]; a folded model only runs raster order.
-        sampling_defaults (`dict`, *optional*): recommended sampling settings (`guidance_scale`,
-            `guidance_scale_pow`, `temperature`), used as defaults by `generate()` and `RARPipeline`. The presets hold
-            the paper's values. (Kept out of the top level because transformers reserves those names for
-            `GenerationConfig`.)
+        sampling_defaults (`dict`, *optional*): sampling settings (`guidance_scale`, `guidance_scale_pow`,
+            `guidance_schedule`, `temperature`) that seed the model's `generation_config` when it is built (the presets
+            hold the paper's values). Not saved in `config.json`: the model's `generation_config.json` is the one
+            source of sampling defaults. Configs written before that (with `sampling_defaults`) still load.
         use_cache (`bool`, *optional*, defaults to `True`): whether a forward without a `cache` creates and returns
             one (the default of `RARModel.forward(use_cache=...)`).
 
@@ -121,13 +118,19 @@ class RARConfig(PreTrainedConfig):
         self.layer_norm_eps = layer_norm_eps
         self.initializer_range = initializer_range
         self.target_aware_position_embedding_folded = target_aware_position_embedding_folded
-        self.sampling_defaults = {**DEFAULT_SAMPLING, **(sampling_defaults or {})}
+        # Read once, by the model's default generation config; never written back (see to_dict).
+        self.legacy_sampling_defaults = dict(sampling_defaults) if sampling_defaults else None
         self.use_cache = use_cache
         # The generation loop sees `[condition, image tokens]`; the learned cls slot is added inside the model.
         kwargs.setdefault("bos_token_id", None)
         kwargs.setdefault("pad_token_id", None)
         kwargs.setdefault("eos_token_id", None)
         super().__init__(**kwargs)
+
+    def to_dict(self):
+        output = super().to_dict()
+        output.pop("legacy_sampling_defaults", None)
+        return output
 
     @property
     def vocab_size(self) -> int:

@@ -88,6 +88,7 @@ def write_model_card(
     training: dict | str | None = None,
     base_model: str | None = None,
     validation_grid=None,
+    generation_config=None,
 ) -> Path:
     r"""
     Write `README.md` (Hub model card) into a pipeline folder.
@@ -95,7 +96,10 @@ def write_model_card(
     Args:
         output_dir (`str` or `os.PathLike`): the pipeline folder.
         config ([`RARConfig`]): the generator's config; picks the template (see [`model_card_template_name`]) and fills
-            the architecture and the recommended sampling settings (`config.sampling_defaults`).
+            the architecture.
+        generation_config (`GenerationConfig`, *optional*): the generator's sampling defaults (its
+            `generation_config`), shown as the recommended settings; by default those a model built from `config`
+            starts with.
         repo_id (`str`, *optional*): the Hub repo the folder goes to, used in the usage snippet; defaults to
             `path/to/<folder name>`.
         training (`dict` or `str`, *optional*): how the model was trained (e.g. `{"dataset": "ylecun/mnist",
@@ -132,14 +136,17 @@ def write_model_card(
         training_text += f"\n\nSamples at the end of training:\n\n![validation samples]({VALIDATION_GRID})"
     name = model_card_template_name(config, training)
     template = resources.files("rar_hf").joinpath("model_cards", f"{name}.md").read_text(encoding="utf-8")
-    sampling = config.sampling_defaults
+    if generation_config is None:
+        from .generation_rar import RARGenerationMixin
+
+        generation_config = RARGenerationMixin.default_generation_config(config)
     height, width = config.latent_size
     text = Template(template).substitute(
         repo_id=repo_id or f"path/to/{output_dir.resolve().name}",
         model_name=(repo_id or output_dir.resolve().name).split("/")[-1],
-        guidance_scale=sampling["guidance_scale"],
-        guidance_scale_pow=sampling["guidance_scale_pow"],
-        temperature=sampling["temperature"],
+        guidance_scale=generation_config.guidance_scale,
+        guidance_scale_pow=getattr(generation_config, "guidance_scale_pow", 0.0),
+        temperature=generation_config.temperature,
         num_parameters=_num_parameters(config),
         hidden_size=config.hidden_size,
         num_hidden_layers=config.num_hidden_layers,
@@ -191,7 +198,8 @@ def finish_saved_pipeline(
         from huggingface_hub import create_repo
 
         repo_id = create_repo(repo_id or save_directory.resolve().name, exist_ok=True, private=private, token=token).repo_id
-    write_model_card(save_directory, pipeline.transformer.config, repo_id=repo_id)
+    transformer = pipeline.transformer
+    write_model_card(save_directory, transformer.config, repo_id=repo_id, generation_config=transformer.generation_config)
     if push_to_hub:
         pipeline._upload_folder(
             str(save_directory), repo_id, token=token, commit_message=commit_message, create_pr=create_pr

@@ -1,12 +1,17 @@
-"""RAR: a decoder-only transformer with AdaLN blocks and target-aware position embeddings (arXiv 2411.00776)."""
+"""RAR: a decoder-only transformer with AdaLN blocks and target-aware position embeddings (arXiv 2411.00776).
 
-import numbers
+This file holds the network: its modules, `forward` and loading. How it samples lives in `generation_rar.py`
+([`RARGenerationMixin`]); optional CPU kernels (packed linears, a decoding attention) are explicit swaps in
+`cpu_kernels.py`.
+"""
+
+import os
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationConfig, GenerationMixin, LogitsProcessorList, PreTrainedModel, StoppingCriteriaList
+from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask
@@ -19,18 +24,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_rar import RARConfig
-from .decoding_attention import decoding_attention_forward, filled_slots_attention, uses_decoding_attention
-from .generation_rar import (
-    RARClassifierFreeGuidanceLogitsProcessor,
-    RARFiniteLogitsCheck,
-    RARSamplingLogitsProcessor,
-    RARStepCallback,
-    check_sampling_arguments,
-    guidance_scales,
-    random_orders,
-)
-from .prepacked_linear import PrepackedLinear, pack_linear_weights, unpack_linear_weights
-from .speculative_rar import speculative_generate
+from .generation_rar import RARGenerationMixin
 
 
 def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
@@ -47,7 +41,7 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale) + shift
 
 
-class RARAdaLNModulation(PrepackedLinear):
+class RARAdaLNModulation(nn.Linear):
     """Projection of the condition to shift/scale/gate vectors; zero-initialised so each block starts as identity."""
 
 
@@ -64,37 +58,22 @@ class RARAttention(nn.Module):
         self.attention_dropout = config.attention_dropout
         self.is_causal = True
         self.num_key_value_groups = 1
-        self.qkv_proj = PrepackedLinear(config.hidden_size, 3 * config.hidden_size)
+        self.qkv_proj = nn.Linear(config.hidden_size, 3 * config.hidden_size)
         self.q_norm = nn.LayerNorm(self.head_dim, eps=config.layer_norm_eps)
         self.k_norm = nn.LayerNorm(self.head_dim, eps=config.layer_norm_eps)
-        self.o_proj = PrepackedLinear(config.hidden_size, config.hidden_size)
+        self.o_proj = nn.Linear(config.hidden_size, config.hidden_size)
         self.o_dropout = nn.Dropout(config.dropout)
 
-    def forward(
-        self, hidden_states, attention_mask=None, cache: Cache | None = None, kv_length=None, last_position=None, **kwargs
-    ):
+    def forward(self, hidden_states, attention_mask=None, cache: Cache | None = None, **kwargs):
         batch_size, seq_len, _ = hidden_states.shape
         qkv = self.qkv_proj(hidden_states).view(batch_size, seq_len, 3, self.num_heads, self.head_dim)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         query, key = self.q_norm(query), self.k_norm(key)
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
-            if kv_length is not None and key.shape[-2] > kv_length and isinstance(attention_mask, torch.Tensor):
-                # A static cache returns all its slots; the ones past the sequence are masked, so skip reading them.
-                key, value = key[:, :, :kv_length], value[:, :, :kv_length]
-                attention_mask = attention_mask[..., :kv_length]
-        sdpa = self.config._attn_implementation == "sdpa"
-        if seq_len == 1 and last_position is not None and sdpa and query.dtype == torch.float32:
-            # Compiled float32 CPU step over a static cache: an opaque op reads only the filled slots (a length the
-            # graph cannot know without recompiling at every step). In half precision, inductor's own fusion of
-            # `decoding_attention_forward` over all slots is faster than this op (42 against 46 ms per RAR-B step).
-            attn_output = filled_slots_attention(query, key, value, last_position, self.scaling)
-            return self.o_dropout(self.o_proj(attn_output.reshape(batch_size, seq_len, -1))), None
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
-        if seq_len == 1 and uses_decoding_attention(query, self.config._attn_implementation, kwargs):
-            attention_interface = decoding_attention_forward
         attn_output, attn_weights = attention_interface(
             self,
             query,
@@ -112,8 +91,8 @@ class RARAttention(nn.Module):
 class RARMLP(nn.Module):
     def __init__(self, config: RARConfig):
         super().__init__()
-        self.fc1 = PrepackedLinear(config.hidden_size, config.intermediate_size)
-        self.fc2 = PrepackedLinear(config.intermediate_size, config.hidden_size)
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
@@ -179,19 +158,91 @@ class RARPreTrainedModel(PreTrainedModel):
             if module.target_aware_position_embedding is not None:
                 init.trunc_normal_(module.target_aware_position_embedding, std=std)
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        r"""
+        [`~transformers.PreTrainedModel.from_pretrained`], with transformers' handling of partial checkpoints (missing
+        weights are initialised with a warning, e.g. the head when loading a [`RARModel`] checkpoint) and three
+        refusals, each one line naming the file: weights whose shapes do not match the config (unless
+        `ignore_mismatched_sizes=True`), non-finite (NaN/inf) weights, and pickle-format weights (`*.bin`: rar-hf
+        only loads safetensors, which cannot run code; `rar-hf convert` reads the official `.bin` files safely).
+        """
+        if kwargs.get("use_safetensors") is False:
+            raise ValueError(
+                "use_safetensors=False would load pickle-format weights, which can run code: rar-hf loads safetensors "
+                "only (official .bin checkpoints go through `rar-hf convert`)."
+            )
+        kwargs["use_safetensors"] = True
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        try:
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+            )
+        except RuntimeError as error:
+            if "ignore_mismatched_sizes" not in str(error):
+                raise
+            raise ValueError(
+                f"The weights of {pretrained_model_name_or_path} do not match its config: "
+                f"{_first_shape_mismatch(cls, pretrained_model_name_or_path, kwargs)}. The config.json and the weights "
+                "come from different models (ignore_mismatched_sizes=True re-initialises such tensors)."
+            ) from None
+        except OSError as error:
+            folder = pretrained_model_name_or_path
+            subfolder = kwargs.get("subfolder") or ""
+            if os.path.isdir(os.path.join(folder, subfolder)) and any(
+                name.endswith((".bin", ".pt", ".pth", ".ckpt")) for name in os.listdir(os.path.join(folder, subfolder))
+            ):
+                raise ValueError(
+                    f"{os.path.join(folder, subfolder)} holds pickle-format weights but no model.safetensors: rar-hf "
+                    "loads safetensors only (a pickle can run code). Official RAR checkpoints: `rar-hf convert`; "
+                    "your own: save them with save_pretrained()."
+                ) from error
+            raise
+        for name, tensor in model.state_dict().items():
+            if tensor.is_floating_point() and type(tensor) is torch.Tensor and tensor.device.type != "meta":
+                if not torch.isfinite(tensor).all():
+                    raise ValueError(
+                        f"The weights of {pretrained_model_name_or_path} hold NaN or inf values (first in {name}): "
+                        "a corrupted checkpoint or a diverged training run; refusing to load them."
+                    )
+        return (model, info) if output_loading_info else model
+
+
+def _first_shape_mismatch(cls, path, kwargs) -> str:
+    """`"<key> has shape (..) in the checkpoint and (..) in the model"` for the first tensor whose shape differs."""
+    try:
+        from safetensors import safe_open
+        from transformers.utils import cached_file
+
+        subfolder = kwargs.get("subfolder") or ""
+        config = cls.config_class.from_pretrained(path, subfolder=subfolder)
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in cls(config).state_dict().items()}
+        prefix = cls.base_model_prefix + "."
+        with safe_open(cached_file(path, "model.safetensors", subfolder=subfolder), framework="pt") as weights:
+            for key in weights.keys():
+                saved = tuple(weights.get_slice(key).get_shape())
+                model_key = key if key in expected else prefix + key
+                if model_key in expected and expected[model_key] != saved:
+                    return f"{key} has shape {saved} in the checkpoint and {expected[model_key]} in the model"
+    except Exception:  # the message is a courtesy: never hide the refusal behind another error
+        pass
+    return "some tensors have other shapes in the checkpoint than in the model"
+
 
 class RARModel(RARPreTrainedModel):
     r"""
     The RAR transformer without its output projection.
 
     The sequence it runs is `[cls, condition, image tokens...]`: a learned cls slot is prepended inside the model, so
-    callers pass `input_ids = [condition, image tokens in generation order]`. Each position gets
+    callers pass `input_ids = [condition, image tokens in generation order]`. Slot `s` of that sequence (cls = 0,
+    condition = 1, image token `j` = `2 + j`) gets
 
     - the position embedding of the raster position it holds (`position_embedding[2 + orders[j]]`; rows 0 and 1 are
       the cls and condition slots);
     - the target-aware position embedding of the raster position it must predict (`2 + orders[j + 1]`; zero for cls
       and for the last image token), so that permutations sharing a prefix are told apart;
-    - an AdaLN condition `class embedding + condition_position_embedding[sequence position]`.
+    - an AdaLN condition `class embedding + condition_position_embedding[s]`.
     """
 
     def __init__(self, config: RARConfig):
@@ -217,30 +268,23 @@ class RARModel(RARPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
-    @staticmethod
-    def cache_position(input_ids: torch.LongTensor, cache: Cache | None) -> torch.LongTensor:
-        """Sequence positions of the slots `input_ids` fills, read from the cache (plus the cls slot on a new sequence)."""
-        past_length = int(cache.get_seq_length()) if cache is not None else 0
-        new_slots = input_ids.shape[1] + (1 if past_length == 0 else 0)
-        return torch.arange(past_length, past_length + new_slots, device=input_ids.device)
-
-    def _position_tables(self, positions: torch.Tensor, orders: torch.Tensor | None):
-        """Position and target-aware embeddings for absolute sequence `positions` (cls = 0, condition = 1)."""
+    def _position_tables(self, slots: torch.Tensor, orders: torch.Tensor | None):
+        """Position and target-aware embeddings of the sequence slots `slots` (1-D; cls = 0, condition = 1)."""
         num_positions = self.config.image_seq_len + 2
         if orders is None:
-            position_index = positions
-            target_index = positions + 1
+            position_index = slots
+            target_index = slots + 1
         else:
             # Slot 0 (cls) and 1 (condition) are never permuted; image slot j holds raster position orders[j].
             prefix = torch.arange(2, device=orders.device).expand(orders.shape[0], 2)
             slot_position = torch.cat([prefix, orders + 2], dim=1)  # (B, L + 2)
-            position_index = slot_position.index_select(1, positions)
-            target_index = slot_position.index_select(1, (positions + 1).clamp(max=num_positions - 1))
+            position_index = slot_position.index_select(1, slots)
+            target_index = slot_position.index_select(1, (slots + 1).clamp(max=num_positions - 1))
         position = self.position_embedding[position_index]
         if self.target_aware_position_embedding is None:
             return position
         # Nothing is predicted from cls's target slot and nothing follows the last image token.
-        has_target = ((positions >= 1) & (positions < num_positions - 1)).to(position.dtype)[:, None]
+        has_target = ((slots >= 1) & (slots < num_positions - 1)).to(position.dtype)[:, None]
         target = self.target_aware_position_embedding[target_index.clamp(max=num_positions - 1)] * has_target
         return position + target
 
@@ -253,81 +297,97 @@ class RARModel(RARPreTrainedModel):
         condition_ids: torch.LongTensor | None = None,
         orders: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
         cache: Cache | None = None,
         use_cache: bool | None = None,
-        cache_position: torch.LongTensor | None = None,
+        starts_sequence: bool | None = None,
         modulations: list[torch.Tensor] | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         r"""
+        input_ids (`torch.LongTensor` of shape `(B, T)`):
+            A stretch of the sequence `[condition, image tokens in generation order]`: the whole of it (or its start)
+            on a call that starts a sequence, the new image tokens on a call that continues a cached one.
         condition_ids (`torch.LongTensor` of shape `(B,)`, *optional*):
-            The class token of each row; needed when `input_ids` continues a cached sequence (it then holds only the
-            new image tokens). By default `input_ids[:, 0]`.
-        cache_position (`torch.LongTensor`, *optional*):
-            Sequence positions (cls = 0, condition = 1) of this call's slots. When it has one more entry than
-            `input_ids`, the call starts the sequence and the cls slot is prepended. Passing it (as `generate()` does)
-            avoids reading the cache length, which is a device tensor for a static cache.
+            The class token of each row; needed when `input_ids` continues a cached sequence (it then holds no class
+            token). By default `input_ids[:, 0]`.
+        orders (`torch.LongTensor` of shape `(B, image_seq_len)`, *optional*):
+            The generation order as raster positions (`None`: raster order); see [`RARForImageGeneration`].
+        attention_mask (`torch.Tensor`, *optional*):
+            RAR sequences in a batch always have the same length, so there is nothing to mask: an all-ones mask is
+            accepted, anything else (padding) is an error.
+        position_ids (`torch.LongTensor` of shape `(T,)` or `(B, T)`, *optional*):
+            Index of each `input_ids` entry in `[condition, image tokens...]` (condition = 0, image token `j` =
+            `1 + j`), the same for every row. By default read from the cache length.
+        starts_sequence (`bool`, *optional*):
+            Whether this call starts the sequence: the learned cls slot is then prepended and `input_ids[:, 0]` is the
+            class token. By default: when there is no cache or it is empty (reading its length, a device
+            synchronisation for a static cache on an accelerator; `generate()` passes it).
         modulations (`list[torch.Tensor]`, *optional*):
-            Precomputed AdaLN modulations of this call's slots, one `(B, T, 6 * hidden)` tensor per layer and a last
-            `(B, T, 2 * hidden)` one for the output norm (see [`RARModulationCache`]).
+            Precomputed AdaLN modulations of this call's slots, one `(B, T', 6 * hidden)` tensor per layer and a last
+            `(B, T', 2 * hidden)` one for the output norm (see [`RARModulationCache`]).
 
         Returns `BaseModelOutputWithPast` (a tuple with `return_dict=False`). `last_hidden_state` has one row per
-        `input_ids` slot (the cls slot predicts nothing and is dropped) after the final AdaLN norm. With
+        `input_ids` entry (the cls slot predicts nothing and is dropped) after the final AdaLN norm. With
         `output_hidden_states=True`, `hidden_states` holds `num_hidden_layers + 1` tensors: the embeddings, then the
         output of each layer, all before the final norm and over the slots this call runs, which **count the cls slot**
-        on a call that starts a sequence (`(B, 1 + input_ids.shape[1], hidden)`, cls at index 0) and not on a call that
-        continues a cached one (`(B, input_ids.shape[1], hidden)`). `attentions` (`output_attentions=True`, eager
-        attention; sdpa and flash attention return none, as in transformers) are `(B, heads, T, kv_length)` per layer
-        over the same slots.
+        on a call that starts a sequence (`(B, 1 + T, hidden)`, cls at index 0). `attentions` (eager attention; sdpa
+        and flash attention return none, as in transformers) are `(B, heads, T', kv_length)` per layer.
         """
+        if input_ids is None:
+            raise ValueError("RARModel needs input_ids: the class token followed by image tokens (see its docstring).")
+        if attention_mask is not None and (attention_mask.dim() != 2 or not bool(attention_mask.all())):
+            raise ValueError(
+                "RAR does not take a padding attention_mask: its sequences in a batch always have the same length, "
+                f"so the only accepted mask is all ones of shape (batch, length); got shape {tuple(attention_mask.shape)}"
+                f"{'' if attention_mask.dim() != 2 else ' with zeros'}."
+            )
         use_cache = use_cache if use_cache is not None else False
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
-        if cache_position is None:
-            cache_position = self.cache_position(input_ids, cache)
-        starts_sequence = cache_position.shape[0] == input_ids.shape[1] + 1
+        if position_ids is None or starts_sequence is None:
+            past_slots = int(cache.get_seq_length()) if cache is not None else 0
+            if starts_sequence is None:
+                starts_sequence = past_slots == 0
+            if position_ids is None:
+                first = 0 if starts_sequence else past_slots - 1
+                position_ids = torch.arange(first, first + input_ids.shape[1], device=input_ids.device)
+        positions = position_ids[0] if position_ids.dim() == 2 else position_ids
         batch_size = input_ids.shape[0]
         embeds = self.embed_tokens(input_ids)
+        slots = positions + 1  # slot 0 is the cls slot
         if starts_sequence:
             # The condition comes first in input_ids; the learned cls slot is prepended here.
             condition_ids = input_ids[:, 0]
             embeds = torch.cat([self.cls_token.expand(batch_size, -1, -1).to(embeds.dtype), embeds], dim=1)
+            slots = torch.cat([slots.new_zeros(1), slots])
         elif condition_ids is None:
-            raise ValueError("Decoding with a non-empty cache needs `condition_ids` (the class token of each row).")
-        positions = cache_position
+            raise ValueError("Continuing a cached sequence needs `condition_ids` (the class token of each row).")
         if orders is not None and self.target_aware_position_embedding is None:
             raise ValueError(
                 "This model's target-aware position embedding was folded into its position embedding for raster "
                 "order; it cannot run other orders (pass orders=None)."
             )
-        hidden_states = embeds + self._position_tables(positions, orders)
-        condition = self.embed_tokens(condition_ids)[:, None, :] + self.condition_position_embedding[positions]
+        hidden_states = embeds + self._position_tables(slots, orders)
+        condition = self.embed_tokens(condition_ids)[:, None, :] + self.condition_position_embedding[slots]
 
         causal_mask = create_causal_mask(
             config=self.config,
             inputs_embeds=hidden_states,
-            attention_mask=None,  # RAR sequences in a batch always have the same length: no padding.
+            attention_mask=None,  # no padding (checked above)
             cache=cache,
-            position_ids=positions[None],
+            position_ids=slots[None],
         )
-        # Slots filled after this call; with a static cache, attention reads only those. Known without a device sync
-        # only when the positions live on the CPU, and a Python int would specialise compiled graphs on the step.
-        kv_length = last_position = None
-        if cache is not None and cache_position.device.type == "cpu":
-            if torch.compiler.is_compiling():
-                last_position = cache_position[-1:]
-            else:
-                kv_length = int(cache_position[-1]) + 1
         modulations = modulations or [None] * (len(self.layers) + 1)
         for layer, modulation in zip(self.layers, modulations):
+            # `position_ids` (the cache slots) reach the attention function, as in transformers' models.
             hidden_states = layer(
                 hidden_states,
                 condition,
                 attention_mask=causal_mask,
                 cache=cache,
                 modulation=modulation,
-                kv_length=kv_length,
-                last_position=last_position,
+                position_ids=slots,
                 **kwargs,
             )
 
@@ -342,41 +402,7 @@ class RARModel(RARPreTrainedModel):
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache if use_cache else None)
 
 
-class RARModulationCache:
-    r"""
-    AdaLN modulations of every layer, precomputed for the rows of one generation, a chunk of positions at a time.
-
-    A row's condition is fixed for the whole sequence and the positions ahead are known, so the modulations of the
-    next `chunk_size` positions come from one batched matmul per layer instead of one skinny matmul per layer and
-    step, and rows that share a condition (every null row of classifier-free guidance) share the work. On a CPU,
-    where a decoding step is bound by reading the weights, this removes a third of the bytes read per step.
-    `generate()` creates one per call; it is filled outside the (possibly compiled) forward.
-    """
-
-    def __init__(self, chunk_size: int = 32):
-        self.chunk_size = chunk_size
-        self.unique_ids, self.inverse = None, None
-        self.chunk_start, self.chunk_tables = 0, None
-
-    @torch.no_grad()
-    def modulations(self, model: RARModel, condition_ids: torch.LongTensor, start: int, length: int):
-        """Per-layer (and final) modulations of positions `[start, start + length)` for every row."""
-        if self.inverse is None:
-            self.unique_ids, self.inverse = torch.unique(condition_ids, return_inverse=True)
-        covered = self.chunk_start <= start and start + length <= self.chunk_start + self.chunk_size
-        if self.chunk_tables is None or not covered:
-            num_positions = model.config.image_seq_len + 2
-            self.chunk_start = start
-            positions = torch.arange(start, min(num_positions, start + max(self.chunk_size, length)), device=self.inverse.device)
-            condition = model.embed_tokens(self.unique_ids)[:, None] + model.condition_position_embedding[positions]
-            condition = F.silu(condition)
-            linears = [layer.adaln_modulation for layer in model.layers] + [model.final_adaln_modulation]
-            self.chunk_tables = [linear(condition) for linear in linears]
-        offset = start - self.chunk_start
-        return [table[self.inverse, offset : offset + length] for table in self.chunk_tables]
-
-
-class RARForImageGeneration(RARPreTrainedModel, GenerationMixin):
+class RARForImageGeneration(RARPreTrainedModel, RARGenerationMixin):
     r"""
     RAR with its token head: class-conditional image-token generation.
 
@@ -384,58 +410,20 @@ class RARForImageGeneration(RARPreTrainedModel, GenerationMixin):
     `orders` (`(B, image_seq_len)`, optional) is that order as raster positions: `input_ids[:, 1 + j]` is the token at
     raster position `orders[:, j]`; `None` is raster order. `logits[:, j]` is the distribution of the `j`-th image
     token of the order. `labels` follow the causal-LM convention (same shape as `input_ids`, shifted inside, -100
-    ignored). Use [`prepare_class_ids`] to build prompts and [`generate`] to sample.
+    ignored). Use [`~RARGenerationMixin.prepare_class_ids`] to build prompts and
+    [`~RARGenerationMixin.generate`] to sample.
     """
 
     _tied_weights_keys = {}
-    # What generate() and the speculative loop (which cannot import this module) precompute AdaLN modulations with.
-    modulation_cache_class = RARModulationCache
     # Labels are the input ids themselves (shifted inside): transformers' causal-LM loss, over the image tokens.
     loss_type = "ForCausalLM"
 
     def __init__(self, config: RARConfig):
         super().__init__(config)
         self.model = RARModel(config)
-        self.lm_head = PrepackedLinear(config.hidden_size, config.codebook_size)
-        self.generation_config = GenerationConfig(
-            do_sample=True,
-            max_new_tokens=config.image_seq_len,
-            min_new_tokens=config.image_seq_len,
-            top_k=0,
-            temperature=config.sampling_defaults["temperature"],
-            # Every sequence has exactly 1 + image_seq_len slots: a preallocated cache, no per-step reallocation.
-            cache_implementation="static",
-        )
+        self.lm_head = nn.Linear(config.hidden_size, config.codebook_size)
+        self.generation_config = self.default_generation_config(config)
         self.post_init()
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        r"""
-        [`~transformers.PreTrainedModel.from_pretrained`], but weights that do not match the config are an error:
-        missing keys (transformers would initialise them randomly) or unexpected keys (it would drop them), e.g. a
-        `config.json` that declares more or fewer layers than the weights hold. Also through `RARPipeline`.
-
-        Raises:
-            ValueError: listing the missing and unexpected keys.
-        """
-        output_loading_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(
-            pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
-        )
-        missing, unexpected = sorted(info.get("missing_keys") or ()), sorted(info.get("unexpected_keys") or ())
-        if missing or unexpected:
-
-            def listed(keys):
-                shown = ", ".join(keys[:12])
-                return f"{len(keys)} ({shown}{', ...' if len(keys) > 12 else ''})" if keys else "none"
-
-            config = model.config
-            raise ValueError(
-                f"The weights of {pretrained_model_name_or_path} do not match its config (num_hidden_layers="
-                f"{config.num_hidden_layers}, hidden_size={config.hidden_size}): missing keys: {listed(missing)}; "
-                f"unexpected keys: {listed(unexpected)}. The config.json and the weights come from different models."
-            )
-        return (model, info) if output_loading_info else model
 
     def get_input_embeddings(self):
         return self.model.embed_tokens
@@ -447,37 +435,15 @@ class RARForImageGeneration(RARPreTrainedModel, GenerationMixin):
         raise ValueError(
             "RAR's vocabulary cannot be resized: its ids are the image tokenizer's codebook "
             f"[0, {self.config.codebook_size}), one mask token, then the {self.config.num_classes} classes and the null "
-            "class (see RARConfig), and the output head scores exactly the codebook. A different codebook or class "
-            "set is a new model: build one from a RARConfig with the new codebook_size / num_classes."
+            "class (see RARConfig), and the output head scores exactly the codebook. A different class set is "
+            "from_pretrained(path, num_classes=N, ignore_mismatched_sizes=True); a different codebook is a new model."
         )
 
-    # ----------------------------------------------------------------------------------------------- prompts, checks
-    def prepare_class_ids(self, class_labels, device=None) -> torch.LongTensor:
-        """Turn class labels (ints, numpy or torch integers; `None` or -1 for unconditional) into the `(B, 1)` prompt
-        ids of `generate()`."""
+    def check_inputs(self, input_ids: torch.LongTensor, orders: torch.LongTensor | None = None):
+        """Raise a `ValueError` naming the problem unless `input_ids` is `(B, 1 + n)` class token + image tokens with
+        `n <= image_seq_len`, and `orders` (if given) one permutation of the raster positions per row."""
         config = self.config
-        if isinstance(class_labels, numbers.Integral) or class_labels is None:
-            class_labels = [class_labels]
-        if isinstance(class_labels, torch.Tensor) or type(class_labels).__module__ == "numpy":
-            class_labels = class_labels.flatten().tolist() if class_labels.ndim else [class_labels.item()]
-        ids = []
-        for label in class_labels:
-            if isinstance(label, numbers.Integral) and not isinstance(label, bool):
-                label = int(label)  # numpy integers compare and format like ints from here on
-            if label is None or (type(label) is int and label == -1):
-                ids.append(config.null_class_id)
-                continue
-            if type(label) is not int or not 0 <= label < config.num_classes:
-                raise ValueError(
-                    f"Class label {label!r} is out of range: expected an int in [0, {config.num_classes}) or None "
-                    "for the unconditional (null) class."
-                )
-            ids.append(config.codebook_size + 1 + label)
-        return torch.tensor(ids, dtype=torch.long, device=device or self.device)[:, None]
-
-    def _check_inputs(self, input_ids: torch.LongTensor, orders: torch.LongTensor | None):
-        config = self.config
-        if input_ids.dim() != 2:
+        if input_ids.dim() != 2 or input_ids.shape[1] < 1:
             raise ValueError(f"input_ids must be (batch, 1 + num_image_tokens), got shape {tuple(input_ids.shape)}.")
         num_image_tokens = input_ids.shape[1] - 1
         if num_image_tokens > config.image_seq_len:
@@ -489,10 +455,10 @@ class RARForImageGeneration(RARPreTrainedModel, GenerationMixin):
         first_class = config.codebook_size + 1
         bad = (condition < first_class) | (condition > config.null_class_id)
         if bad.any():
-            value = condition[bad][0].item()
             raise ValueError(
                 f"input_ids[:, 0] must be a class token in [{first_class}, {config.null_class_id}] (class c is "
-                f"{first_class} + c, the null class {config.null_class_id}); got {value}. Use prepare_class_ids()."
+                f"{first_class} + c, the null class {config.null_class_id}); got {condition[bad][0].item()}. Use "
+                "prepare_class_ids()."
             )
         tokens = input_ids[:, 1:]
         bad = (tokens < 0) | (tokens >= config.codebook_size)
@@ -508,7 +474,6 @@ class RARForImageGeneration(RARPreTrainedModel, GenerationMixin):
             if not torch.equal(orders.sort(dim=1).values, reference.expand_as(orders)):
                 raise ValueError(f"Each row of orders must be a permutation of [0, {config.image_seq_len}).")
 
-    # ------------------------------------------------------------------------------------------------------ forward
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @can_return_tuple
     def forward(
@@ -518,37 +483,42 @@ class RARForImageGeneration(RARPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         condition_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
         cache: Cache | None = None,
         use_cache: bool | None = None,
-        cache_position: torch.LongTensor | None = None,
+        starts_sequence: bool | None = None,
         logits_to_keep: int = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         r"""
+        See [`RARModel.forward`] for the inputs. `logits[:, i]` scores the image token that follows `input_ids[:, i]`.
+
         labels (`torch.LongTensor` of shape `(B, 1 + N)`, *optional*):
             Causal-LM labels aligned with `input_ids` (`-100` ignored, shifted inside), or pass `shift_labels` already
             aligned with the logits. The loss is transformers' `self.loss_function` (`ForCausalLMLoss`), so
             `num_items_in_batch` (the number of labelled tokens over all gradient-accumulation micro-batches) gives a
             sum normalised by it, as the Trainer expects.
+        logits_to_keep (`int`, defaults to 0): compute the logits of the last `logits_to_keep` entries only (0: all).
 
         Returns `CausalLMOutputWithPast` (a tuple with `return_dict=False`); `hidden_states` and `attentions` as
         [`RARModel.forward`] describes (they count the cls slot on a call that starts a sequence).
         """
         if input_ids is None:
             raise ValueError("RARForImageGeneration needs input_ids: the class token followed by image tokens.")
-        if cache_position is None:
-            cache_position = self.model.cache_position(input_ids, cache)
-        starts_sequence = cache_position.shape[0] == input_ids.shape[1] + 1
-        # Checked once per sequence: the decoding steps only feed tokens that the sampler drew.
+        if starts_sequence is None:
+            starts_sequence = cache is None or int(cache.get_seq_length()) == 0
+        # Checked on a call that starts a sequence; generate() checks its prompt once and feeds only drawn tokens.
         if starts_sequence and not torch.compiler.is_compiling():
-            self._check_inputs(input_ids, orders)
+            self.check_inputs(input_ids, orders)
         outputs = self.model(
             input_ids=input_ids,
             condition_ids=condition_ids,
             orders=orders,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
             cache=cache,
             use_cache=use_cache,
-            cache_position=cache_position,
+            starts_sequence=starts_sequence,
             return_dict=True,  # this method makes the tuple, if asked
             **kwargs,
         )
@@ -567,289 +537,6 @@ class RARForImageGeneration(RARPreTrainedModel, GenerationMixin):
             attentions=outputs.attentions,
         )
 
-    # ----------------------------------------------------------------------------------------------- generation
-    def prepare_inputs_for_generation(
-        self,
-        input_ids,
-        cache=None,
-        attention_mask=None,
-        use_cache=True,
-        orders=None,
-        guidance=False,
-        modulation_cache=None,
-        step_callback: RARStepCallback | None = None,
-        next_sequence_length=None,
-        is_first_iteration=None,
-        **kwargs,
-    ):
-        r"""
-        The model inputs of one generation step. RAR consumes `attention_mask` (its sequences never hold padding),
-        `guidance` (the step runs the doubled batch `[conditional; null]`), `modulation_cache` and `next_sequence_length`
-        (a step feeds the newest token once the cache holds the sequence); every other keyword (output flags, user
-        arguments) is passed on to `forward()`, as transformers' own `prepare_inputs_for_generation` does.
-        """
-        # Inputs are views of the sequence that grows every step: copies keep their strides fixed, so that a compiled
-        # forward is not recompiled at every step (transformers' own prepare_inputs_for_generation does the same).
-        condition_ids = input_ids[:, 0].clone(memory_format=torch.contiguous_format)
-        length = input_ids.shape[1]
-        starts_sequence = cache is None or length == 1
-        rewind = step_callback.pop_rewind() if step_callback is not None else None
-        if starts_sequence:
-            # The whole sequence (generate() prompts are one class token): the model prepends the cls slot.
-            model_input_ids = input_ids.clone(memory_format=torch.contiguous_format)
-            cache_position = torch.arange(length + 1, device=input_ids.device)
-            start = 0
-        elif rewind is not None:
-            # The step callback replaced image tokens that are already cached: drop the cache from the first of
-            # them (slot 2 + index, after cls and the condition) and feed them again with the newest token.
-            start = 2 + rewind
-            cache.crop(start - length)
-            model_input_ids = input_ids[:, 1 + rewind :]
-            cache_position = torch.arange(start, length + 1, device=input_ids.device)
-        else:
-            # The cache holds cls, the condition and all tokens but the newest one: `length` slots.
-            model_input_ids = input_ids[:, -1:].clone(memory_format=torch.contiguous_format)
-            cache_position = torch.tensor([length], device=input_ids.device)
-            start = length
-        if guidance:
-            unconditional = model_input_ids.clone()
-            if starts_sequence:
-                unconditional[:, 0] = self.config.null_class_id
-            model_input_ids = torch.cat([model_input_ids, unconditional])
-            condition_ids = torch.cat([condition_ids, torch.full_like(condition_ids, self.config.null_class_id)])
-            if orders is not None:
-                orders = torch.cat([orders, orders])
-        modulations = None
-        if modulation_cache is not None and cache is not None:
-            modulations = modulation_cache.modulations(self.model, condition_ids, start, cache_position.shape[0])
-        model_inputs = {key: value for key, value in kwargs.items() if key != "labels"}
-        model_inputs.update(
-            input_ids=model_input_ids,
-            condition_ids=condition_ids,
-            orders=orders,
-            cache=cache,
-            use_cache=use_cache,
-            cache_position=cache_position,
-            modulations=modulations,
-            logits_to_keep=1,
-        )
-        return model_inputs
-
-    def _prepare_cache_for_generation(
-        self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length, *args, **kwargs
-    ):
-        # The cache also holds the cls slot (one more position than input_ids) and, with guidance, the null rows.
-        batch_size = batch_size * (2 if model_kwargs.get("guidance") else 1)
-        return super()._prepare_cache_for_generation(
-            generation_config, model_kwargs, generation_mode, batch_size, max_cache_length + 1, *args, **kwargs
-        )
-
-    def _check_generation_request(self, kwargs: dict, guidance: bool, orders) -> dict:
-        """Reject what RAR cannot generate, before any compute; returns `kwargs` with consistent token counts."""
-        if kwargs.get("prompt_lookup_num_tokens") is not None:
-            raise ValueError(
-                "generate() does not accept `prompt_lookup_num_tokens`: prompt lookup drafts tokens by copying n-grams "
-                "of the prompt, and a class token followed by image tokens has no text to look up. Speculative "
-                "decoding for RAR is `assistant_model=` (a smaller RAR) or `jacobi_window=`."
-            )
-        generation_config = kwargs.get("generation_config") or self.generation_config
-        num_beams = kwargs.get("num_beams", generation_config.num_beams) or 1
-        if num_beams > 1 and guidance:
-            raise ValueError(
-                f"Beam search (num_beams={num_beams}) cannot run with classifier-free guidance: guidance merges the "
-                "[conditional; null] rows into one set of scores per image, which beam search cannot reorder. Pass "
-                "guidance_scale=1.0 to beam-search the conditional model."
-            )
-        if num_beams > 1 and orders is not None:
-            raise ValueError(f"Beam search (num_beams={num_beams}) runs in raster order only (orders=None).")
-        left = self.config.image_seq_len  # the prompt is the class token alone
-        max_new = kwargs.get("max_new_tokens", generation_config.max_new_tokens)
-        if kwargs.get("max_length") is not None and kwargs.get("max_new_tokens") is None:
-            max_new = kwargs["max_length"] - 1
-        min_new = kwargs.get("min_new_tokens")
-        if min_new is None and kwargs.get("min_length") is not None:
-            min_new = kwargs["min_length"] - 1
-        for name, value in (("max_new_tokens", max_new), ("min_new_tokens", min_new)):
-            if value is not None and value > left:
-                raise ValueError(
-                    f"{name}={value} (or the max_length/min_length it comes from) asks for more image tokens than an "
-                    f"image holds: image_seq_len={left} after the class token. Pass at most {left} (fewer give a "
-                    "partial image in generation order)."
-                )
-        if max_new is not None and max_new < left:
-            if orders is not None:
-                raise ValueError(
-                    f"A partial image (max_new_tokens={max_new} < image_seq_len={left}) is only returned in raster "
-                    "order (orders=None): other orders are reordered to raster positions, which needs every token."
-                )
-            if min_new is None:
-                # The default min_new_tokens is a whole image: a partial request lowers it with the maximum.
-                kwargs = {**kwargs, "min_new_tokens": max_new}
-        return kwargs
-
-    def _resolve_orders(self, orders, batch_size: int, device, generator=None) -> torch.LongTensor | None:
-        if orders is None or (isinstance(orders, str) and orders == "raster"):
-            return None
-        length = self.config.image_seq_len
-        if isinstance(orders, str):
-            if orders == "random":
-                return random_orders(batch_size, length, generator, device)
-            from .data.scan_orders import get_scan_order
-
-            height, width = self.config.latent_size
-            return get_scan_order(orders, height, width).to(device).expand(batch_size, -1).contiguous()
-        orders = torch.as_tensor(orders, dtype=torch.long, device=device)
-        if orders.dim() == 1:
-            orders = orders.expand(batch_size, -1).contiguous()
-        return orders
-
-    @torch.no_grad()
-    def generate(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        class_labels=None,
-        guidance_scale: float | None = None,
-        guidance_schedule: str = "pow-cosine",
-        guidance_scale_pow: float | None = None,
-        orders=None,
-        logits_processor: LogitsProcessorList | None = None,
-        prepack_weights: bool = True,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        step_callback: RARStepCallback | None = None,
-        **kwargs,
-    ):
-        r"""
-        Sample `image_seq_len` image tokens per class with transformers' generation loop and caches.
-
-        Args:
-            input_ids (`torch.LongTensor` of shape `(B, 1)`, *optional*): class tokens from [`prepare_class_ids`].
-            class_labels (`list[int | None]`, *optional*): class ids instead of `input_ids` (`None`: unconditional).
-            guidance_scale (`float`, *optional*): classifier-free guidance scale `g`; defaults to the config's. With
-                `g != 1` the model runs one doubled batch `[conditional; null]` per step and both rows of a pair get
-                the same token.
-            guidance_schedule (`str`): `"pow-cosine"` (official), `"linear"` or `"constant"`.
-            guidance_scale_pow (`float`, *optional*): exponent of the pow-cosine schedule; defaults to the config's.
-            orders (`str` or `torch.LongTensor`, *optional*): generation order: `"raster"` (default), `"random"`, a
-                scan order name (see `rar_hf.data.scan_orders`) or a `(B, image_seq_len)` permutation tensor.
-            generator (`torch.Generator` or `list[torch.Generator]`, *optional*): the source of every random draw of
-                the call: the random orders (`orders="random"`) and each sampled token (with the temperature, top-k
-                and top-p of the call), so the same generator state gives the same tokens whatever the global RNG did
-                meanwhile. One generator per row makes each row depend only on its own. `None`: torch's global RNG
-                and transformers' own sampling. With `do_sample=False` only the orders are random.
-            step_callback ([`RARStepCallback`], *optional*): called after every generated token; it can replace the
-                tokens generated so far (the model continues from the replacement) and stop generation early. When it
-                stops early the sequences are shorter (`1 + n`); with a non-raster order they keep `1 + image_seq_len`
-                entries with `-1` at the positions not generated.
-            prepack_weights (`bool`): on CPU, run the linear layers on oneDNN-packed float32/bfloat16 weights
-                (decoding steps about 2x faster). The packed weights replace the plain ones and stay after the call,
-                so later calls do not pack again and memory holds one copy; `state_dict()`/`save_pretrained` are
-                unchanged, and `train()`, `.to()`, reading a `.weight` or `rar_hf.unpack_linear_weights(model)`
-                restore the plain weights (see `rar_hf.pack_linear_weights`). `False` restores them and runs
-                `F.linear`. No effect on other devices.
-            assistant_model ([`RARForImageGeneration`], *optional*): a smaller RAR with the same codebook and classes
-                that drafts `num_assistant_tokens` (default 4) tokens per target pass: speculative sampling, exact
-                (see `rar_hf.speculative_rar`). Batches are exact too but accept fewer tokens per pass.
-            jacobi_window (`int`, *optional*): speculative Jacobi decoding (training-free, exact) guessing this many
-                tokens ahead per pass. With either, `generator=` (a `torch.Generator` or one per row) makes the draws
-                reproducible, and `acceptance="relaxed"` (with `relax=`, default 2) trades exactness for speed.
-            kwargs: passed to `GenerationMixin.generate` (`temperature`, `top_k`, `top_p`, `do_sample`,
-                `cache_implementation="static"`, `use_cache`, `return_dict_in_generate`, `output_scores`, ...).
-
-        Returns:
-            `torch.LongTensor` `(B, 1 + image_seq_len)` (or a `GenerateOutput`): the class token then the image tokens
-            **in raster order** whatever the generation order. `scores[s]` (with `output_scores=True`) are the guided,
-            temperature-scaled scores from which the `s`-th generated token was drawn (`B` rows). `logits[s]`,
-            `hidden_states[s]` and `attentions[s]` are the model's raw outputs of step `s`: with guidance they have the
-            `2B` rows `[conditional; null]` the model ran; step 0 runs the cls and condition slots (see
-            [`RARModel.forward`]), later steps the newest token (the whole sequence with `use_cache=False`).
-            `max_new_tokens < image_seq_len` returns the first tokens of the image (raster order only); more than
-            `image_seq_len` is an error. Beam search runs without guidance only; `prompt_lookup_num_tokens` is not
-            supported (speculative decoding is `assistant_model=` or `jacobi_window=`).
-        """
-        if input_ids is None:
-            if class_labels is None:
-                raise ValueError("Pass class_labels (list of class ids, None for unconditional) or input_ids.")
-            input_ids = self.prepare_class_ids(class_labels)
-        if input_ids.shape[1] != 1:
-            raise ValueError(f"generate() takes one class token per row (shape (B, 1)), got {tuple(input_ids.shape)}.")
-        batch_size = input_ids.shape[0]
-        generation_config = kwargs.get("generation_config") or self.generation_config
-        sampling = {
-            name: kwargs[name] if kwargs.get(name) is not None else getattr(generation_config, name)
-            for name in ("do_sample", "temperature", "top_k", "top_p", "output_scores")
-        }
-        check_sampling_arguments(
-            guidance_scale, guidance_schedule, guidance_scale_pow, sampling["temperature"], sampling["top_k"],
-            sampling["top_p"], generator, batch_size,
-        )  # fmt: skip
-        orders = self._resolve_orders(orders, batch_size, input_ids.device, generator)
-        self._check_inputs(input_ids, orders)
-        defaults = self.config.sampling_defaults
-        guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
-        guidance_scale_pow = defaults["guidance_scale_pow"] if guidance_scale_pow is None else guidance_scale_pow
-        check_sampling_arguments(guidance_scale=guidance_scale, guidance_scale_pow=guidance_scale_pow)  # the config's
-        guidance = guidance_scale != 1.0
-        finite_check = RARFiniteLogitsCheck()  # first: it must see the model's raw logits
-        processors = LogitsProcessorList([finite_check])
-        if guidance:
-            scales = guidance_scales(self.config.image_seq_len, guidance_scale, guidance_schedule, guidance_scale_pow)
-            processors.append(RARClassifierFreeGuidanceLogitsProcessor(scales, prompt_length=1))
-        if logits_processor is not None:
-            processors.extend(logits_processor)
-        kwargs = self._check_generation_request(kwargs, guidance, orders)
-        assistant_model, jacobi_window = kwargs.pop("assistant_model", None), kwargs.pop("jacobi_window", None)
-        speculative = assistant_model is not None or jacobi_window is not None
-        if speculative and step_callback is not None:
-            raise ValueError("step_callback cannot be combined with speculative decoding (assistant_model=, jacobi_window=).")
-        sampler = None
-        if generator is not None and sampling["do_sample"] and not speculative:
-            # transformers samples from the global RNG: draw in a processor instead, and let greedy read the draw.
-            sampler = RARSamplingLogitsProcessor(
-                generator, sampling["temperature"], sampling["top_k"], sampling["top_p"],
-                keep_scores=bool(sampling["output_scores"]),
-            )  # fmt: skip
-            processors.append(sampler)
-            kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
-        if step_callback is not None:
-            kwargs["stopping_criteria"] = StoppingCriteriaList([*(kwargs.get("stopping_criteria") or []), step_callback])
-        num_rows = batch_size * (2 if guidance else 1)
-        if prepack_weights and not self.training:
-            # A layout for at least 8 rows: oneDNN's layout for 1-2 rows streams the weights 3x slower at any count.
-            pack_linear_weights(self, num_rows=max(8, num_rows))
-        elif not prepack_weights:
-            unpack_linear_weights(self)
-        if speculative:
-            # Speculative decoding draws (with `generator`) and verifies several tokens per pass itself.
-            outputs = speculative_generate(
-                self, input_ids, processors, orders, guidance, assistant_model, jacobi_window=jacobi_window,
-                generator=generator, prepack_weights=prepack_weights, **kwargs,
-            )  # fmt: skip
-        else:
-            outputs = super().generate(
-                input_ids=input_ids,
-                logits_processor=processors,
-                orders=orders,
-                guidance=guidance,
-                modulation_cache=self.modulation_cache_class(),
-                step_callback=step_callback,
-                **kwargs,
-            )
-        finite_check.raise_if_non_finite()
-        if sampler is not None and sampler.scores is not None and not isinstance(outputs, torch.Tensor):
-            outputs.scores = tuple(sampler.scores)  # the distributions drawn from, not the one-hot rows
-        if orders is None:
-            return outputs
-        sequences = outputs if isinstance(outputs, torch.Tensor) else outputs.sequences
-        # Stopped early (step callback): the positions not generated are -1.
-        raster = torch.full((batch_size, 1 + self.config.image_seq_len), -1, dtype=sequences.dtype, device=sequences.device)
-        raster[:, :1] = sequences[:, :1]
-        raster[:, 1:].scatter_(1, orders[:, : sequences.shape[1] - 1], sequences[:, 1:])
-        if isinstance(outputs, torch.Tensor):
-            return raster
-        outputs.sequences = raster
-        return outputs
-
-    # ----------------------------------------------------------------------------------------------- inference
     @torch.no_grad()
     def fold_target_aware_position_embedding(self) -> "RARForImageGeneration":
         """Fold the target-aware position embedding into the position embedding, for raster order only.

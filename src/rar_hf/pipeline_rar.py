@@ -12,13 +12,14 @@ from diffusers import DiffusionPipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils import deprecate
-from transformers import LogitsProcessor, LogitsProcessorList
 
-from .generation_rar import RARSamplingLogitsProcessor, RARStepCallback, check_sampling_arguments  # noqa: F401
+from .cpu_kernels import cpu_fast_paths, disable_cpu_fast_paths, enable_cpu_fast_paths
+from .generation_rar import RARStepCallback, active_guidance_processors, check_sampling_arguments, is_unconditional
 from .modeling_maskgit_vqgan import MaskGITVQModel
 from .modeling_rar import RARForImageGeneration
 
-OUTPUT_TYPES = ("pil", "np", "pt", "tokens")
+# "latent": the image tokens, as diffusers' pipelines return latents (`"tokens"` is the same, kept as an alias).
+OUTPUT_TYPES = ("pil", "np", "pt", "latent", "tokens")
 
 # Written beside model_index.json by `save_pretrained`, so that diffusers' generic loader can find the class:
 # `DiffusionPipeline.from_pretrained(folder_or_repo, custom_pipeline="pipeline_rar", trust_remote_code=True)`.
@@ -37,25 +38,14 @@ class RARPipelineOutput(ImagePipelineOutput):
     Output of [`RARPipeline`].
 
     Args:
-        images (`list[PIL.Image.Image]`, `np.ndarray` or `torch.Tensor`, or `None`): the images in [0, 1]: a list of
-            PIL images, an array `(batch, height, width, 3)` or a tensor `(batch, 3, height, width)`, depending on
-            `output_type`; `None` for `output_type="tokens"`.
+        images (`list[PIL.Image.Image]`, `np.ndarray` or `torch.Tensor`): the images in [0, 1]: a list of PIL
+            images, an array `(batch, height, width, 3)` or a tensor `(batch, 3, height, width)`, depending on
+            `output_type`; for `output_type="latent"` (or `"tokens"`), the image tokens (the same tensor as `tokens`).
         tokens (`torch.LongTensor` of shape `(batch, image_seq_len)`): the generated image tokens in raster order,
             always returned (they are what `vqvae.decode` turned into `images`).
     """
 
     tokens: torch.LongTensor
-
-
-class _ProgressBarLogitsProcessor(LogitsProcessor):
-    """Advances a progress bar once per generated token: generate calls its processors once per step."""
-
-    def __init__(self, progress_bar):
-        self.progress_bar = progress_bar
-
-    def __call__(self, input_ids, scores):
-        self.progress_bar.update()
-        return scores
 
 
 def _imagenet_id2label() -> dict[int, str]:
@@ -100,7 +90,9 @@ class RARPipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "transformer->vqvae"
-    _callback_tensor_inputs = ["tokens"]
+    # Both names are the image tokens generated so far: "latents" as every diffusers pipeline calls what its loop
+    # updates, "tokens" as RAR does.
+    _callback_tensor_inputs = ["latents", "tokens"]
 
     def __init__(
         self,
@@ -124,6 +116,9 @@ class RARPipeline(DiffusionPipeline):
             raise ValueError(f"id2label must name every class id 0..{num_classes - 1} exactly once.")
         self.register_to_config(id2label=id2label)
         self._interrupt = False
+        self._guidance_scale = None
+        self._num_timesteps = None
+        self._cpu_fast_paths = "per-call"
         self.id2label = id2label
         self.labels: dict[str, list[int]] = {}
         for class_id, name in sorted(id2label.items()):
@@ -138,8 +133,8 @@ class RARPipeline(DiffusionPipeline):
 
         Args:
             labels (`str`, `int`, `None` or a list of them): a string is one class name (any of its comma-separated
-                synonyms, case-insensitive, e.g. `"white shark"`); ints are class ids and are range-checked; `None`
-                is the unconditional (null) class.
+                synonyms, case-insensitive, e.g. `"white shark"`); ints are class ids and are range-checked; `None`,
+                `-1`, `"none"` and `"unconditional"` are the unconditional (null) class, as everywhere in rar-hf.
 
         Returns:
             `list[int | None]`: one class id per label.
@@ -166,8 +161,8 @@ class RARPipeline(DiffusionPipeline):
 
     def _label_id(self, label) -> int | None:
         num_classes = self.transformer.config.num_classes
-        if label is None:
-            return None
+        if is_unconditional(label) and not (isinstance(label, str) and label.strip().lower() in self.labels):
+            return None  # (a dataset may name a class "none": its own name wins)
         if isinstance(label, str):
             ids = self.labels.get(label.strip().lower())
             if ids is None:
@@ -180,9 +175,12 @@ class RARPipeline(DiffusionPipeline):
             return ids[0]
         if isinstance(label, numbers.Integral) and not isinstance(label, bool):
             if not 0 <= label < num_classes:
-                raise ValueError(f"Class id {label} is out of range: this model has classes 0..{num_classes - 1}.")
+                raise ValueError(
+                    f"Class id {label} is out of range: this model has classes 0..{num_classes - 1} (and None, -1, "
+                    "'none' or 'unconditional' for the unconditional class)."
+                )
             return int(label)
-        raise TypeError(f"A class label must be a name (str), an id (int) or None, got {label!r}.")
+        raise TypeError(f"A class label must be a name (str), an id (int) or None (unconditional), got {label!r}.")
 
     def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
         Path(save_directory).mkdir(parents=True, exist_ok=True)
@@ -198,6 +196,34 @@ class RARPipeline(DiffusionPipeline):
     def interrupt(self) -> bool:
         """Set `pipe._interrupt = True` inside `callback_on_step_end` to stop generating after that token."""
         return self._interrupt
+
+    @property
+    def guidance_scale(self) -> float | None:
+        """The guidance scale of the running (or last) call. A `callback_on_step_end` that sets
+        `pipe._guidance_scale` changes the guidance of the tokens after it (same schedule)."""
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        return self._guidance_scale is not None and self._guidance_scale != 1.0
+
+    @property
+    def num_timesteps(self) -> int | None:
+        """Tokens the running (or last) call generates: RAR's steps."""
+        return self._num_timesteps
+
+    def enable_cpu_fast_paths(self):
+        """Keep the transformer on the CPU fast paths (packed linear layers, the CPU decoding attention; see
+        `rar_hf.cpu_kernels`) across calls, instead of applying them for the duration of each call on a CPU (the
+        default, which leaves `pipe.transformer` unchanged between calls at the cost of packing once per call, about a
+        second for RAR-B). While enabled the transformer cannot be moved or cast: call `disable_cpu_fast_paths()`."""
+        enable_cpu_fast_paths(self.transformer)
+        self._cpu_fast_paths = "enabled"
+
+    def disable_cpu_fast_paths(self):
+        """Plain `nn.Linear` layers and sdpa again (bit-exact weights), and no fast paths in later calls."""
+        disable_cpu_fast_paths(self.transformer)
+        self._cpu_fast_paths = "disabled"
 
     @torch.no_grad()
     def decode_partial(self, tokens: torch.LongTensor, output_type: str = "pil"):
@@ -240,13 +266,38 @@ class RARPipeline(DiffusionPipeline):
         images = images.cpu().permute(0, 2, 3, 1).float().numpy()
         return self.numpy_to_pil(images) if output_type == "pil" else images
 
+    def _step_callback(self, progress_bar, callback_on_step_end, tensor_inputs):
+        """What runs after every kept token: the progress bar, then `callback_on_step_end` (its returned `latents` or
+        `tokens` replace the tokens so far; a changed `pipe._guidance_scale` re-scales the rest of the schedule)."""
+        done = []
+
+        def on_token(index: int, tokens: torch.LongTensor):
+            progress_bar.update()
+            done.append(index)
+            if callback_on_step_end is None:
+                return None
+            guidance_scale = self._guidance_scale
+            callback_kwargs = {name: tokens.clone() for name in tensor_inputs}
+            outputs = callback_on_step_end(self, len(done) - 1, index, callback_kwargs) or {}
+            if self._guidance_scale != guidance_scale:
+                for processor in active_guidance_processors():
+                    processor.set_guidance_scale(self._guidance_scale, from_step=index + 1)
+            # A returned tensor that differs from the tokens (replaced, or edited in place) is continued from.
+            changed = [outputs[name] for name in ("latents", "tokens") if name in outputs]
+            changed = [value for value in changed if value is not None and not torch.equal(value, tokens)]
+            if len(changed) == 2 and not torch.equal(changed[0], changed[1]):
+                raise ValueError("callback_on_step_end changed `latents` and `tokens` differently: change one of them.")
+            return changed[0] if changed else None
+
+        return on_token
+
     @torch.no_grad()
     def __call__(
         self,
         class_labels,
         num_images_per_prompt: int = 1,
         guidance_scale: float | None = None,
-        guidance_schedule: str = "pow-cosine",
+        guidance_schedule: str | None = None,
         guidance_scale_pow: float | None = None,
         temperature: float | None = None,
         top_k: int | None = None,
@@ -259,8 +310,11 @@ class RARPipeline(DiffusionPipeline):
         orders=None,
         assistant_model: RARForImageGeneration | None = None,
         jacobi_window: int | None = None,
+        num_assistant_tokens: int | None = None,
+        acceptance: str | None = None,
+        relax: float | None = None,
         callback_on_step_end=None,
-        callback_on_step_end_tensor_inputs: list[str] = ["tokens"],
+        callback_on_step_end_tensor_inputs: list[str] = ["latents", "tokens"],
         **kwargs,
     ) -> RARPipelineOutput | tuple:
         r"""
@@ -268,17 +322,17 @@ class RARPipeline(DiffusionPipeline):
 
         Args:
             class_labels (`int`, `str`, `None` or a list of them): class ids, class names (see [`get_label_ids`]) or
-                `None` for unconditional samples.
+                `None` / `-1` / `"none"` / `"unconditional"` for unconditional samples.
             num_images_per_prompt (`int`, defaults to 1): images per label; the batch holds them label by label
                 (`[a, a, b, b]`), so they tile as one grid row per label. (`num_images_per_label` is a deprecated
                 alias.)
-            guidance_scale (`float`, *optional*): classifier-free guidance scale; defaults to
-                `transformer.config.sampling_defaults["guidance_scale"]` (the paper's value for official sizes).
-                `1.0` disables guidance (and halves the compute).
-            guidance_schedule (`str`, defaults to `"pow-cosine"`): how the scale grows over the tokens: `"pow-cosine"`
-                (official), `"linear"` or `"constant"`.
-            guidance_scale_pow (`float`, *optional*): exponent of the pow-cosine schedule; defaults to the config's.
-            temperature (`float`, *optional*): sampling temperature; defaults to the config's.
+            guidance_scale (`float`, *optional*): classifier-free guidance scale. `1.0` disables guidance (and halves
+                the compute).
+            guidance_schedule (`str`, *optional*): how the scale grows over the tokens: `"pow-cosine"` (official),
+                `"linear"` or `"constant"`.
+            guidance_scale_pow (`float`, *optional*): exponent of the pow-cosine schedule.
+            temperature (`float`, *optional*): sampling temperature. These four default to
+                `transformer.generation_config` (the paper's values for converted official models).
             top_k (`int`, *optional*): sample only among the `top_k` most likely tokens (not used by the paper).
             top_p (`float`, *optional*): nucleus sampling threshold (not used by the paper).
             generator (`torch.Generator` or `list[torch.Generator]`, *optional*): makes sampling deterministic: it
@@ -288,7 +342,8 @@ class RARPipeline(DiffusionPipeline):
                 floating-point differences between batch sizes, which can flip a near-tie). `None` uses torch's
                 global RNG.
             output_type (`str`, defaults to `"pil"`): `"pil"` (list of `PIL.Image`), `"np"` (`(B, H, W, 3)` array),
-                `"pt"` (`(B, 3, H, W)` tensor) or `"tokens"` (skip decoding; `images` is `None`).
+                `"pt"` (`(B, 3, H, W)` tensor) or `"latent"` (no decoding: `images` are the `(B, image_seq_len)` image
+                tokens, raster order; `"tokens"` is an alias).
             return_dict (`bool`, defaults to `True`): return a [`RARPipelineOutput`] instead of a tuple.
             use_cache (`bool`, defaults to `True`): decode with a KV cache (the output is the same either way).
             cache_implementation (`str`, *optional*): transformers cache type, e.g. `"static"` (for torch.compile).
@@ -297,20 +352,27 @@ class RARPipeline(DiffusionPipeline):
                 than raster need a model whose target-aware position embedding is not folded.
             callback_on_step_end (`Callable`, [`~diffusers.callbacks.PipelineCallback`] or
                 [`~diffusers.callbacks.MultiPipelineCallbacks`], *optional*): called once per generated token as
-                `callback_on_step_end(pipe, step, timestep, callback_kwargs) -> dict`. `step` is the index (0-based,
-                in generation order) of the token just generated; `timestep` is the same int (RAR has no scheduler);
+                `callback_on_step_end(pipe, step, timestep, callback_kwargs) -> dict`. `step` counts the tokens this
+                call generated (0-based, so the last is `pipe.num_timesteps - 1`); `timestep` is the index of the token
+                just generated among the image tokens, in generation order (RAR has no scheduler);
                 `callback_kwargs` holds the tensors named in `callback_on_step_end_tensor_inputs`. Entries of the
                 returned dict replace those tensors, and generation continues from the replacement. Set
                 `pipe._interrupt = True` in the callback to stop after the current token (see Returns).
-            callback_on_step_end_tensor_inputs (`list[str]`, defaults to `["tokens"]`): the tensors passed in
-                `callback_kwargs`, among `pipe._callback_tensor_inputs`: `"tokens"` is the `(batch, step + 1)`
-                `LongTensor` of the image tokens generated so far, in generation order (raster order unless `orders`
+            callback_on_step_end_tensor_inputs (`list[str]`, defaults to both): the tensors passed in
+                `callback_kwargs`, among `pipe._callback_tensor_inputs`: `"latents"` and `"tokens"` are both the
+                `(batch, n)` `LongTensor` of the image tokens so far, in generation order (raster order unless `orders`
                 says otherwise; see [`decode_partial`] to look at them).
             assistant_model ([`RARForImageGeneration`], *optional*): a smaller RAR with the same tokenizer and classes
-                that drafts tokens for the transformer to verify several at a time (exact speculative sampling).
+                that drafts `num_assistant_tokens` tokens for the transformer to verify several at a time (exact
+                speculative sampling).
             jacobi_window (`int`, *optional*): speculative Jacobi decoding (training-free, exact) with this many
                 guessed tokens per pass. With either, the samples follow the same distribution as without, but not
-                the same draws for a given `generator`.
+                the same draws for a given `generator`; callbacks and the progress bar see every kept token.
+            acceptance (`str`, *optional*): `"lossless"` (default, exact) or `"relaxed"` (faster, NOT exact: accepts
+                drafts `relax` times more readily, default 2), for `assistant_model` and `jacobi_window`.
+
+        On a CPU the transformer runs on packed linear layers and the CPU decoding attention for the duration of the
+        call (see [`enable_cpu_fast_paths`]); it is left unchanged afterwards.
 
         Returns:
             [`RARPipelineOutput`] with `images` and `tokens`, or the tuple `(images, tokens)` if `return_dict` is
@@ -375,52 +437,52 @@ class RARPipeline(DiffusionPipeline):
             guidance_scale, guidance_schedule, guidance_scale_pow, temperature, top_k, top_p, generator, batch_size
         )
         device = self._execution_device
-        config = self.transformer.config
-        temperature = config.sampling_defaults["temperature"] if temperature is None else temperature
+        transformer = self.transformer
+        config = transformer.config
+        self._guidance_scale = transformer.generation_config.guidance_scale if guidance_scale is None else guidance_scale
+        self._num_timesteps = config.image_seq_len
         self._interrupt = False
+        speculative = dict(
+            assistant_model=assistant_model, jacobi_window=jacobi_window, num_assistant_tokens=num_assistant_tokens,
+            acceptance=acceptance, relax=relax,
+        )  # fmt: skip
 
-        step_callback = None
-        if callback_on_step_end is not None:
-
-            def on_token(step: int, tokens: torch.LongTensor):
-                callback_kwargs = {"tokens": tokens} if "tokens" in callback_on_step_end_tensor_inputs else {}
-                callback_outputs = callback_on_step_end(self, step, step, callback_kwargs) or {}
-                return callback_outputs.get("tokens")
-
-            step_callback = RARStepCallback(on_token, config.codebook_size, should_stop=lambda: self._interrupt)
-
-        # 2. Sample the image tokens with the model's generate() (guidance, cache, seeded draws, random orders).
-        with self.progress_bar(total=config.image_seq_len) as progress_bar:
-            sequences = self.transformer.generate(
-                input_ids=self.transformer.prepare_class_ids(label_ids, device=device),
-                guidance_scale=guidance_scale,
-                guidance_schedule=guidance_schedule,
-                guidance_scale_pow=guidance_scale_pow,
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-                generator=generator,
-                orders=orders,
-                logits_processor=LogitsProcessorList([_ProgressBarLogitsProcessor(progress_bar)]),
-                step_callback=step_callback,
-                do_sample=True,
-                use_cache=use_cache,
-                cache_implementation=cache_implementation,
-                assistant_model=assistant_model,
-                jacobi_window=jacobi_window,
+        # 2. Sample the image tokens with the model's generate() (guidance, cache, seeded draws, random orders); the
+        # step callback advances the progress bar and runs callback_on_step_end after every kept token.
+        with self.progress_bar(total=self._num_timesteps) as progress_bar:
+            step_callback = RARStepCallback(
+                self._step_callback(progress_bar, callback_on_step_end, callback_on_step_end_tensor_inputs),
+                config.codebook_size,
+                should_stop=lambda: self._interrupt,
             )
+            fast_paths = self._cpu_fast_paths == "per-call" and device.type == "cpu"
+            with cpu_fast_paths(transformer, num_rows=2 * batch_size, enabled=fast_paths):
+                sequences = transformer.generate(
+                    input_ids=transformer.prepare_class_ids(label_ids, device=device),
+                    guidance_scale=self._guidance_scale,
+                    guidance_schedule=guidance_schedule,
+                    guidance_scale_pow=guidance_scale_pow,
+                    temperature=temperature,
+                    top_k=top_k,
+                    top_p=top_p,
+                    generator=generator,
+                    orders=orders,
+                    step_callback=step_callback,
+                    do_sample=True,
+                    use_cache=use_cache,
+                    cache_implementation=cache_implementation,
+                    **{name: value for name, value in speculative.items() if value is not None},
+                )
         tokens = sequences[:, 1:]  # drop the class token; generate returns raster order whatever the order used
         complete = tokens.shape[1] == config.image_seq_len and bool((tokens >= 0).all())
 
         # 3. Decode the tokens to pixels in [0, 1].
-        images = None
-        if output_type != "tokens":
-            if complete:
-                images = self._to_output_type(
-                    self.vqvae.decode(tokens, latent_size=tuple(config.latent_size)).sample, output_type
-                )
-            else:
-                images = self.decode_partial(tokens, output_type=output_type)
+        if output_type in ("latent", "tokens"):
+            images = tokens
+        elif complete:
+            images = self._to_output_type(self.vqvae.decode(tokens, latent_size=tuple(config.latent_size)).sample, output_type)
+        else:
+            images = self.decode_partial(tokens, output_type=output_type)
 
         self.maybe_free_model_hooks()
         if not return_dict:

@@ -4,12 +4,12 @@ Both methods propose several image tokens, score all of them with one forward pa
 prefix with the speculative-sampling rule (Leviathan et al. 2023, Chen et al. 2023): a draft `x` drawn from `q` is
 accepted with probability `min(1, p(x) / q(x))`, and the first rejected one is replaced by a draw from
 `max(0, p - q)` (normalised). Whatever the drafts, every kept token is then distributed exactly as plain sampling
-would draw it from `p`, the target's guided, temperature-scaled (top-k/p-filtered) distribution, which is built by the
-very processors plain `generate()` uses. With `do_sample=False` a draft is kept when it is the target's argmax, so
-the tokens are those of plain greedy decoding.
+would draw it from `p`, the target's processed distribution, built by the very processors plain `generate()` uses
+(guidance, repetition penalty, bad words, temperature, top-k/p, user processors). With `do_sample=False` a draft is
+kept when it is the target's argmax, so the tokens are those of plain greedy decoding.
 
 - **Draft model** (`assistant_model=`): a smaller RAR with the same codebook, classes and sequence length drafts
-  `num_assistant_tokens` tokens one by one, with the same guidance schedule and sampling settings.
+  `num_assistant_tokens` tokens one by one, with the same processors.
 - **Speculative Jacobi decoding** (`jacobi_window=`, Teng et al. 2024, arXiv 2410.01699): training-free. The target
   keeps a window of guessed future tokens; each forward pass scores the window, keeps the accepted prefix, and its
   outputs at the positions after the cut, drawn afresh, become the next guesses (new positions are guessed from the
@@ -20,30 +20,34 @@ A batch shares one cache, so every row keeps the same number of tokens per pass:
 Cutting a row's exact prefix at a point decided by the other rows keeps it exact (the discarded tokens are redrafted),
 so batches are exact too; they just accept fewer tokens per pass than one row alone.
 
-The caches are transformers' (`StaticCache` or `DynamicCache`), rolled back with `crop` after each verification.
+This module only drafts and accepts: the model inputs of every pass come from `generation_rar.step_inputs` (as for
+plain decoding), the processors and stopping criteria from the model's generation machinery, and the outputs
+(`return_dict_in_generate`, `output_scores`, `output_logits`, `output_hidden_states`, `output_attentions`, `cache`)
+are those of plain decoding, one entry per generated token. The caches are transformers' (`StaticCache` or
+`DynamicCache`), rolled back with `crop` after each verification.
 """
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
-from transformers import (
-    LogitsProcessorList,
-    MinPLogitsWarper,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
+from transformers import LogitsProcessorList, MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 from transformers.cache_utils import Cache, DynamicCache, StaticCache
+from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from .generation_rar import RARClassifierFreeGuidanceLogitsProcessor, RARFiniteLogitsCheck, uniform_draws
-from .prepacked_linear import prepacked_linear_weights
+from .sampling_rar import (
+    RARClassifierFreeGuidanceLogitsProcessor,
+    RARFiniteLogitsCheck,
+    RARModulationCache,
+    cached_entries,
+    check_generators,
+    step_inputs,
+    uniform_draws,
+)
 
 ACCEPTANCE_RULES = ("lossless", "relaxed")
 # Jacobi decoding: weight of the target's last distribution in the guesses for brand-new window positions.
 _FRESH_FROM_LAST = 0.9
-# generate() keywords the speculative loops understand; anything else would be silently ignored, so it is refused.
-_SUPPORTED_KWARGS = {"do_sample", "temperature", "top_k", "top_p", "cache_implementation", "use_cache",
-                     "max_new_tokens", "min_new_tokens"}  # fmt: skip
 
 
 @dataclass
@@ -74,8 +78,7 @@ class _Drawer:
     """Uniform draws from the caller's generator(s): one for the batch, one per row, or torch's global RNG."""
 
     def __init__(self, generator, batch_size: int, device):
-        if isinstance(generator, list) and len(generator) != batch_size:
-            raise ValueError(f"Got {len(generator)} generators for a batch of {batch_size} rows.")
+        check_generators(generator, batch_size)
         self.generator, self.batch_size, self.device = generator, batch_size, device
 
     def uniform(self, *shape) -> torch.Tensor:
@@ -102,8 +105,8 @@ class _WindowProcessors:
 
     Row-wise warpers see the window flattened to `(rows * steps, V)`; classifier-free guidance takes the scale of
     every step as one tensor; the finite check looks at the window once (and, on a non-finite value, the chain is
-    replayed step by step so that it names the step). Any other processor may read the prefix: then the whole chain
-    runs step by step, as before.
+    replayed step by step so that it names the step). Any other processor may read the prefix (repetition penalty,
+    bad words, ...): then the whole chain runs step by step, each step seeing the prefix it continues.
     """
 
     def __init__(self, processors: LogitsProcessorList):
@@ -119,7 +122,7 @@ class _WindowProcessors:
         end = keep_from + logits.shape[1]
         for processor in self.processors:
             if type(processor) is RARFiniteLogitsCheck:
-                if processor.defer is False or (processor.defer is None and scores.device.type == "cpu"):
+                if not processor.deferred(scores):
                     if not torch.isfinite(scores).all():
                         return self._step_by_step(sequence, logits, keep_from)  # raises, naming the step
                 else:
@@ -144,9 +147,21 @@ class _WindowProcessors:
         return torch.stack(steps, dim=1)
 
 
+@dataclass
+class _Pass:
+    """What one forward pass of a model gave for steps `keep_from .. keep_from + T - 1`."""
+
+    keep_from: int
+    scores: torch.Tensor  # (B, T, V) processed
+    logits: torch.Tensor | None = None  # (R, T, V) raw
+    hidden_states: tuple | None = None  # per layer (R, slots, H), over the slots the pass ran
+    attentions: tuple | None = None
+    first_slot_index: int = 0  # index, in the pass's slots, of the slot that predicts step keep_from
+
+
 class _GuidedModel:
     r"""
-    One RAR's side of a speculative generation: its cache, how much of the sequence it has consumed, and its guided
+    One RAR's side of a speculative generation: its cache, how much of the sequence it has consumed, and its processed
     scores for any stretch of new tokens.
 
     `sequence` is `(B, 1 + n)`: the class token, then `n` image tokens in generation order. Feeding `sequence[:, a:b]`
@@ -154,14 +169,17 @@ class _GuidedModel:
     continues, as plain `generate()` does one step at a time (with guidance, the model runs `[conditional; null]`).
     """
 
-    def __init__(self, model, input_ids, orders, guidance: bool, processors: LogitsProcessorList, cache_implementation):
-        self.model, self.guidance = model, guidance
+    def __init__(
+        self, model, rows, orders, guidance, processors, cache_implementation, max_length, cache=None, outputs=()
+    ):
+        self.model, self.guidance, self.orders = model, guidance, orders
         config = model.config
         self.processors = _WindowProcessors(processors)
-        rows = input_ids.shape[0] * (2 if guidance else 1)
-        if cache_implementation == "static":
-            # cls, the class token and every image token but the last (never fed); headroom for none beyond.
-            self.cache: Cache = StaticCache(config=config, max_cache_len=config.image_seq_len + 2)
+        if cache is not None:
+            self.cache: Cache = cache
+        elif cache_implementation == "static":
+            # Sized as plain generate() sizes it: the cls slot and every entry but the last (never fed).
+            self.cache = StaticCache(config=config, max_cache_len=max_length)
         elif cache_implementation in (None, "dynamic"):
             self.cache = DynamicCache(config=config)
         else:
@@ -169,15 +187,10 @@ class _GuidedModel:
                 f"Speculative decoding supports cache_implementation='static' or 'dynamic', got {cache_implementation!r}."
             )
         self.rows = rows
-        condition_ids = input_ids[:, 0]
-        self.null_id = config.null_class_id
-        if guidance:
-            condition_ids = torch.cat([condition_ids, torch.full_like(condition_ids, self.null_id)])
-            orders = torch.cat([orders, orders]) if orders is not None else None
-        self.condition_ids, self.orders = condition_ids, orders
-        self.modulation_cache = model.modulation_cache_class()
-        self.fed = 0  # entries of `sequence` whose keys/values are in the cache
+        self.modulation_cache = RARModulationCache()
+        self.fed = cached_entries(cache)  # entries of `sequence` whose keys/values are in the cache
         self.forwards = 0
+        self.outputs = set(outputs)  # among "logits", "hidden_states", "attentions": what to keep of each pass
 
     def rollback(self, length: int):
         """Forget every fed entry of the sequence from index `length` on."""
@@ -185,36 +198,30 @@ class _GuidedModel:
             self.cache.crop(length - self.fed)
             self.fed = length
 
-    def scores(self, sequence: torch.LongTensor, end: int, keep_from: int) -> torch.Tensor:
-        """Feed `sequence[:, fed:end]`; return the processed scores `(B, end - keep_from, V)` of steps `keep_from..end-1`."""
+    def scores(self, sequence: torch.LongTensor, end: int, keep_from: int) -> _Pass:
+        """Feed `sequence[:, fed:end]`; the processed scores `(B, end - keep_from, V)` of steps `keep_from..end-1`."""
         start = self.fed
+        if start >= end:  # everything is cached already (a continued cache): run the last entry again
+            self.rollback(end - 1)
+            start = self.fed
         if not start <= keep_from < end:
             raise RuntimeError(f"Cannot score steps {keep_from}..{end - 1} with {start} tokens fed.")
-        new = sequence[:, start:end]
-        # Slot j + 1 holds sequence[:, j] (slot 0 is the cls token, prepended by the model on a new sequence).
-        first_slot = 0 if start == 0 else start + 1
-        cache_position = torch.arange(first_slot, end + 1, device=sequence.device)
-        if self.guidance:
-            null = new.clone()
-            if start == 0:
-                null[:, 0] = self.null_id
-            new = torch.cat([new, null])
-        modulations = self.modulation_cache.modulations(
-            self.model.model, self.condition_ids, first_slot, cache_position.shape[0]
+        inputs = step_inputs(self.model, sequence[:, :end], start, self.guidance, self.modulation_cache)
+        output_flags = {f"output_{name}": True for name in ("hidden_states", "attentions") if name in self.outputs}
+        outputs = self.model(
+            **inputs, orders=self.orders, cache=self.cache, use_cache=True, logits_to_keep=end - keep_from, **output_flags
         )
-        logits = self.model(
-            input_ids=new,
-            condition_ids=self.condition_ids,
-            orders=self.orders,
-            cache=self.cache,
-            use_cache=True,
-            cache_position=cache_position,
-            modulations=modulations,
-            logits_to_keep=end - keep_from,
-        ).logits.float()
         self.fed = end
         self.forwards += 1
-        return self.processors(sequence, logits, keep_from)
+        logits = outputs.logits.float()
+        return _Pass(
+            keep_from=keep_from,
+            scores=self.processors(sequence, logits, keep_from),
+            logits=logits if "logits" in self.outputs else None,
+            hidden_states=outputs.hidden_states if "hidden_states" in self.outputs else None,
+            attentions=outputs.attentions if "attentions" in self.outputs else None,
+            first_slot_index=keep_from - start + (1 if start == 0 else 0),
+        )
 
 
 def _probabilities(scores: torch.Tensor, do_sample: bool) -> torch.Tensor:
@@ -260,19 +267,8 @@ def _verify(drafts, q, p, drawer: _Drawer, rule: str, relax: float, do_sample: b
     return accepted, drawer.categorical(target)
 
 
-def _commit(sequence, drafts, accepted, following):
-    """Append the tokens every row keeps: `m = min(accepted + 1)` of them, the same number for all rows."""
-    m = int((accepted + 1).min())
-    tokens = torch.cat([drafts, following[:, None]], dim=1)[:, :m].clone()
-    # The rows that stopped at m keep their residual draw as their last token; the others keep accepted drafts.
-    last = accepted == m - 1
-    tokens[last, m - 1] = following[last]
-    return torch.cat([sequence, tokens], dim=1), m
-
-
 def check_assistant(target, assistant):
     """A draft model must share the codebook, classes, sequence length and latent grid of the target."""
-    # The target's own class, not an import of it: the model module imports this one.
     if not isinstance(assistant, type(target)):
         raise ValueError(f"assistant_model must be a {type(target).__name__}, got {type(assistant).__name__}.")
     fields = ("codebook_size", "num_classes", "image_seq_len", "latent_size", "null_class_id")
@@ -285,42 +281,126 @@ def check_assistant(target, assistant):
         raise ValueError("assistant_model does not share the target's token space: " + "; ".join(mismatched) + ".")
 
 
+class _Run:
+    r"""The growing sequence of one speculative call and everything plain decoding would report about it: per-step
+    scores and raw outputs, stopping criteria (EOS and user criteria), the streamer and the step callback."""
+
+    def __init__(self, model, input_ids, generation_config, stopping_criteria, streamer, step_callback, goal):
+        self.model, self.sequence, self.goal = model, input_ids, goal
+        self.prompt_entries = input_ids.shape[1]
+        config = generation_config
+        self.return_dict = bool(config.return_dict_in_generate)
+        self.keep = {
+            name: self.return_dict and bool(getattr(config, f"output_{name}"))
+            for name in ("scores", "logits", "hidden_states", "attentions")
+        }
+        self.records = {name: [] for name, wanted in self.keep.items() if wanted}
+        self.criteria = stopping_criteria
+        self.pad_token_id = config._pad_token_tensor
+        self.has_eos = any(hasattr(criterion, "eos_token_id") for criterion in stopping_criteria)
+        self.unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        self.streamer, self.step_callback = streamer, step_callback
+        self.stopped = False
+        self.static_cache = False
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+
+    @property
+    def image_tokens(self) -> int:
+        return self.sequence.shape[1] - 1
+
+    @property
+    def done(self) -> bool:
+        return self.stopped or self.image_tokens >= self.goal or not bool(self.unfinished.any())
+
+    def _record(self, target_pass: _Pass, i: int):
+        """Keep, for step `keep_from + i`, what plain decoding reports: its scores and the raw outputs of its slot
+        (on the very first step, of every slot of the prompt, as plain decoding's prefill)."""
+        first_step = target_pass.keep_from + i == self.prompt_entries - 1
+        index = target_pass.first_slot_index + i
+        slots = slice(0, index + 1) if first_step else slice(index, index + 1)
+        if "scores" in self.records:
+            self.records["scores"].append(target_pass.scores[:, i])
+        if "logits" in self.records:
+            self.records["logits"].append(target_pass.logits[:, i])
+        if "hidden_states" in self.records:
+            self.records["hidden_states"].append(tuple(h[:, slots] for h in target_pass.hidden_states))
+        if "attentions" in self.records:
+            # Keys: the slots filled up to this step's (a static cache always shows all its slots, as in plain decoding).
+            keys = slice(None) if self.static_cache else slice(0, target_pass.keep_from + i + 2)
+            self.records["attentions"].append(tuple(a[:, :, slots, keys] for a in target_pass.attentions))
+
+    def commit(self, tokens: torch.LongTensor, target_pass: _Pass) -> int | None:
+        """Append `tokens` (`(B, m)`, steps `keep_from ..`) one by one as plain decoding would: records, stopping
+        criteria, streamer, step callback. Returns `None`, or the entry index from which the caches must be rolled
+        back because the step callback replaced tokens (the tokens after the replaced one are then dropped)."""
+        for i in range(tokens.shape[1]):
+            token = tokens[:, i]
+            if self.has_eos and self.pad_token_id is not None:
+                token = torch.where(self.unfinished, token, self.pad_token_id.to(token.device))
+            self.sequence = torch.cat([self.sequence, token[:, None]], dim=1)
+            self._record(target_pass, i)
+            scores = self.records["scores"][-1] if "scores" in self.records else None
+            self.unfinished &= ~self.criteria(self.sequence, scores)
+            if self.streamer is not None:
+                self.streamer.put(token.cpu())
+            if self.step_callback is not None:
+                before = self.sequence.clone()
+                self.stopped = self.step_callback.after_token(self.sequence)
+                self.step_callback.pop_rewind()
+                changed = (self.sequence != before).any(dim=0).nonzero()
+                if changed.numel():
+                    return int(changed[0])  # the caches keep the entries before it
+            if self.done:
+                return None
+        return None
+
+    def output(self, cache):
+        if self.streamer is not None:
+            self.streamer.end()
+        if not self.return_dict:
+            return self.sequence
+        fields = {name: tuple(values) for name, values in self.records.items()}
+        return GenerateDecoderOnlyOutput(sequences=self.sequence, cache=cache, **fields)
+
+
 @torch.no_grad()
 def speculative_generate(
     model,
     input_ids: torch.LongTensor,
-    processors: LogitsProcessorList,
-    orders=None,
+    generation_config,
+    model_kwargs: dict,
     guidance: bool = False,
+    orders=None,
+    generator=None,
+    step_callback=None,
+    logits_processor: LogitsProcessorList | None = None,
     assistant_model=None,
     num_assistant_tokens: int | None = None,
     jacobi_window: int | None = None,
     acceptance: str = "lossless",
     relax: float = 2.0,
-    generator=None,
     stats: SpeculativeStats | None = None,
-    prepack_weights: bool = True,
-    **kwargs,
-) -> torch.LongTensor:
+):
     r"""
-    Sample (or greedily decode) all image tokens with a draft model or with speculative Jacobi decoding.
-
-    Called by [`RARForImageGeneration.generate`] with its guidance processor in `processors`; the sampling settings
-    (`do_sample`, `temperature`, `top_k`, `top_p`) and `cache_implementation` come from `kwargs` over the model's
-    generation config, and are turned into the same warpers plain `generate()` applies.
+    Generate the image tokens after `input_ids` (class token and any known tokens, generation order) with a draft
+    model or with speculative Jacobi decoding. Called by `RARGenerationMixin.generate`, which resolved
+    `generation_config` (sampling settings, lengths, output flags) and `model_kwargs` (cache, streamer, stopping
+    criteria, output flags) as for plain decoding.
 
     Args:
         assistant_model ([`RARForImageGeneration`], *optional*): the draft model.
-        num_assistant_tokens (`int`, *optional*, defaults to 4): tokens the draft model proposes per round.
+        num_assistant_tokens (`int`, *optional*): tokens the draft model proposes per round (default: the assistant's
+            `generation_config.num_assistant_tokens`, 4 for RAR models).
         jacobi_window (`int`, *optional*): speculative Jacobi decoding with this many guessed tokens per pass.
         acceptance (`str`): `"lossless"` (default, exact) or `"relaxed"` (accepts drafts `relax` times more
             readily; faster, NOT exact: the samples drift towards the proposals).
         generator (`torch.Generator` or `list[torch.Generator]`, *optional*): the random draws.
         stats ([`SpeculativeStats`], *optional*): filled with forward-pass counts.
-        prepack_weights (`bool`): run the draft model on prepacked weights on CPU (the caller packs the target's).
 
     Returns:
-        `torch.LongTensor` `(B, 1 + image_seq_len)` in generation order.
+        As plain `generate()` before the reordering to raster: `(B, 1 + k + n)` in generation order, or a
+        `GenerateDecoderOnlyOutput`.
     """
     if (assistant_model is None) == (jacobi_window is None):
         raise ValueError("Pass exactly one of assistant_model= (draft model) and jacobi_window= (Jacobi decoding).")
@@ -328,95 +408,128 @@ def speculative_generate(
         raise ValueError(f"acceptance must be one of {ACCEPTANCE_RULES}, got {acceptance!r}.")
     if acceptance == "relaxed" and not relax >= 1.0:
         raise ValueError(f"relax must be >= 1 (1 is the lossless rule), got {relax!r}.")
-    unsupported = sorted(set(kwargs) - _SUPPORTED_KWARGS)
-    if unsupported:
+    if generation_config.use_cache is False:
+        raise ValueError("Speculative decoding re-uses the KV cache between passes: use_cache=False cannot apply.")
+    if generation_config.num_return_sequences not in (None, 1):
+        raise ValueError("Speculative decoding returns one sequence per prompt (num_return_sequences=1).")
+    model_kwargs = dict(model_kwargs)
+    cache = model_kwargs.pop("cache", None)
+    streamer = model_kwargs.pop("streamer", None)
+    user_criteria = model_kwargs.pop("stopping_criteria", None)
+    for name in ("output_attentions", "output_hidden_states", "synced_gpus", "use_cache"):
+        model_kwargs.pop(name, None)
+    if model_kwargs:
         raise ValueError(
-            f"Speculative decoding does not support generate() argument(s) {unsupported}; it understands "
-            f"{sorted(_SUPPORTED_KWARGS)} (and generator=, num_assistant_tokens=, jacobi_window=, acceptance=)."
+            f"Speculative decoding does not support the generate() argument(s) {sorted(model_kwargs)}: they are "
+            "model inputs that only plain decoding passes to forward()."
         )
-    length = model.config.image_seq_len
-    for name in ("max_new_tokens", "min_new_tokens"):
-        if kwargs.get(name) not in (None, length):
-            raise ValueError(f"Speculative decoding always generates image_seq_len={length} tokens; got {name}={kwargs[name]}.")
-    if kwargs.get("use_cache") is False:
-        raise ValueError("Speculative decoding needs the KV cache (use_cache=False is not supported).")
-    generation_config, _ = model._prepare_generation_config(None, **{k: v for k, v in kwargs.items() if k != "use_cache"})
-    do_sample = bool(generation_config.do_sample)
-    # The same processor chain plain generate() builds (our guidance and user processors, then the warpers).
-    processors = model._get_logits_processor(
-        generation_config, input_ids_seq_length=1, logits_processor=processors, device=input_ids.device, model_kwargs={}
-    )
-    cache_implementation = generation_config.cache_implementation
     batch_size = input_ids.shape[0]
+    rows = batch_size * (2 if guidance else 1)
+    do_sample = bool(generation_config.do_sample)
+    goal = input_ids.shape[1] - 1 + generation_config.max_new_tokens
+    generation_config = copy.copy(generation_config)
+    generation_config.max_length = input_ids.shape[1] + generation_config.max_new_tokens
+    model._prepare_special_tokens(generation_config, False, device=input_ids.device, batch_size=batch_size)
+    # The processor chain plain generate() builds (RAR's guidance, transformers' processors, user ones, warpers).
+    processors = model._get_logits_processor(
+        generation_config, input_ids_seq_length=input_ids.shape[1], encoder_input_ids=input_ids,
+        logits_processor=logits_processor or LogitsProcessorList(), device=input_ids.device,
+        model_kwargs={"guidance": guidance},
+    )  # fmt: skip
+    stopping_criteria = model._get_stopping_criteria(generation_config, stopping_criteria=user_criteria or [])
+    run = _Run(model, input_ids, generation_config, stopping_criteria, streamer, step_callback, goal)
+    outputs = [name for name in ("logits", "hidden_states", "attentions") if run.keep[name]]
     drawer = _Drawer(generator, batch_size, input_ids.device)
     stats = stats if stats is not None else SpeculativeStats()
-    target = _GuidedModel(model, input_ids, orders, guidance, processors, cache_implementation)
+    cache_implementation = generation_config.cache_implementation
+    target = _GuidedModel(
+        model, rows, orders, guidance, processors, cache_implementation, generation_config.max_length, cache, outputs
+    )
+    run.static_cache = isinstance(target.cache, StaticCache)
     if assistant_model is not None:
         check_assistant(model, assistant_model)
-        window = 4 if num_assistant_tokens is None else num_assistant_tokens
+        window = num_assistant_tokens
+        if window is None:
+            window = getattr(assistant_model.generation_config, "num_assistant_tokens", None) or 4
         if type(window) is not int or window < 1:
-            raise ValueError(f"num_assistant_tokens must be a positive int, got {num_assistant_tokens!r}.")
-        draft = _GuidedModel(assistant_model, input_ids, orders, guidance, processors, cache_implementation)
-        with prepacked_linear_weights(assistant_model, draft.rows, enabled=prepack_weights):
-            sequence = _draft_model_loop(target, draft, input_ids, window, drawer, acceptance, relax, do_sample, stats)
+            raise ValueError(f"num_assistant_tokens must be a positive int, got {window!r}.")
+        draft = _GuidedModel(
+            assistant_model, rows, orders, guidance, processors, cache_implementation, generation_config.max_length
+        )
+        _draft_model_loop(run, target, draft, window, drawer, acceptance, relax, do_sample, stats)
         stats.draft_forwards += draft.forwards
     else:
         if type(jacobi_window) is not int or jacobi_window < 1:
             raise ValueError(f"jacobi_window must be a positive int, got {jacobi_window!r}.")
-        sequence = _jacobi_loop(target, input_ids, jacobi_window, drawer, acceptance, relax, do_sample, stats)
+        _jacobi_loop(run, target, jacobi_window, drawer, acceptance, relax, do_sample, stats)
     stats.target_forwards += target.forwards
-    stats.tokens += length * batch_size
-    return sequence
+    stats.tokens += (run.image_tokens - (input_ids.shape[1] - 1)) * batch_size
+    return run.output(target.cache)
 
 
-def _draft_model_loop(target, draft, sequence, window, drawer, acceptance, relax, do_sample, stats):
-    length = target.model.config.image_seq_len
-    while (n := sequence.shape[1] - 1) < length:
-        k = min(window, length - n - 1)  # the step after the last draft must exist
-        drafts, q = sequence[:, :0], []
+def _kept(drafts, accepted, following):
+    """The tokens every row keeps: `m = min(accepted + 1)` of them, the same number for all rows."""
+    m = int((accepted + 1).min())
+    tokens = torch.cat([drafts, following[:, None]], dim=1)[:, :m].clone()
+    # The rows that stopped at m keep their residual draw as their last token; the others keep accepted drafts.
+    last = accepted == m - 1
+    tokens[last, m - 1] = following[last]
+    return tokens
+
+
+def _draft_model_loop(run, target, draft, window, drawer, acceptance, relax, do_sample, stats):
+    while not run.done:
+        n = run.image_tokens
+        k = min(window, run.goal - n - 1)  # the step after the last draft must exist
+        drafts, q = run.sequence[:, :0], []
         for i in range(k):
-            scores = draft.scores(torch.cat([sequence, drafts], dim=1), n + i + 1, n + i)[:, 0]
-            probs = _probabilities(scores, do_sample)
+            step = draft.scores(torch.cat([run.sequence, drafts], dim=1), n + i + 1, n + i)
+            probs = _probabilities(step.scores[:, 0], do_sample)
             q.append(probs)
             drafts = torch.cat([drafts, drawer.categorical(probs)[:, None]], dim=1)
-        p = _probabilities(target.scores(torch.cat([sequence, drafts], dim=1), n + k + 1, n), do_sample)
+        verified = target.scores(torch.cat([run.sequence, drafts], dim=1), n + k + 1, n)
+        p = _probabilities(verified.scores, do_sample)
         q = torch.stack(q, dim=1) if q else p[:, :0]
-        accepted, following = _verify(drafts, q, p, drawer, acceptance, relax, do_sample)
-        sequence, m = _commit(sequence, drafts, accepted, following)
-        stats.accepted_per_forward.append(m)
-        # Entries up to the last kept draft are valid; the newest token is fed next round.
-        target.rollback(n + m)
-        draft.rollback(n + m)
-    return sequence
+        tokens = _kept(drafts, *_verify(drafts, q, p, drawer, acceptance, relax, do_sample))
+        stats.accepted_per_forward.append(tokens.shape[1])
+        replaced = run.commit(tokens, verified)
+        # Entries up to the last kept token are valid; the newest token is fed next round.
+        keep = run.sequence.shape[1] - 1 if replaced is None else min(replaced, run.sequence.shape[1] - 1)
+        target.rollback(keep)
+        draft.rollback(keep)
 
 
-def _jacobi_loop(target, sequence, window, drawer, acceptance, relax, do_sample, stats):
-    length = target.model.config.image_seq_len
+def _jacobi_loop(run, target, window, drawer, acceptance, relax, do_sample, stats):
     vocab_size = target.model.config.codebook_size
-    batch_size = sequence.shape[0]
-    device = sequence.device
+    batch_size, device = run.sequence.shape[0], run.sequence.device
     uniform = torch.full((batch_size, vocab_size), 1.0 / vocab_size, device=device)
     fresh = uniform  # what brand-new window positions are guessed from
-    drafts = sequence[:, :0]
+    drafts = run.sequence[:, :0]
     q = torch.zeros(batch_size, 0, vocab_size, device=device)
-    while (n := sequence.shape[1] - 1) < length:
-        k = min(window, length - n - 1)
+    while not run.done:
+        n = run.image_tokens
+        k = min(window, run.goal - n - 1)
         drafts, q = drafts[:, :k], q[:, :k]
         if drafts.shape[1] < k:
             # Any guess is exact as long as it is drawn from the q it is tested against.
             new_q = fresh[:, None].expand(batch_size, k - drafts.shape[1], vocab_size)
             drafts = torch.cat([drafts, drawer.categorical(new_q.contiguous())], dim=1)
             q = torch.cat([q, new_q], dim=1)
-        p = _probabilities(target.scores(torch.cat([sequence, drafts], dim=1), n + k + 1, n), do_sample)
-        accepted, following = _verify(drafts, q, p, drawer, acceptance, relax, do_sample)
-        sequence, m = _commit(sequence, drafts, accepted, following)
+        verified = target.scores(torch.cat([run.sequence, drafts], dim=1), n + k + 1, n)
+        p = _probabilities(verified.scores, do_sample)
+        tokens = _kept(drafts, *_verify(drafts, q, p, drawer, acceptance, relax, do_sample))
+        m = tokens.shape[1]
         stats.accepted_per_forward.append(m)
-        target.rollback(n + m)
+        replaced = run.commit(tokens, verified)
+        if replaced is not None:  # the step callback changed the sequence: start the guesses afresh
+            target.rollback(min(replaced, run.sequence.shape[1] - 1))
+            drafts, q, fresh = run.sequence[:, :0], q[:, :0], uniform
+            continue
+        target.rollback(run.sequence.shape[1] - 1)
         # The target's distributions after the cut (conditioned on the old guesses) propose the next guesses, drawn
         # afresh: a guess that already passed a test would be biased towards passing.
         q = p[:, m:]
-        drafts = drawer.categorical(q) if q.shape[1] else sequence[:, :0]
+        drafts = drawer.categorical(q) if q.shape[1] else run.sequence[:, :0]
         # Positions beyond the window are guessed from the target's last distribution (neighbouring image tokens
         # look alike), with a tenth of uniform: a few hundredths more tokens per pass than uniform guesses alone.
         fresh = _FRESH_FROM_LAST * p[:, -1] + (1 - _FRESH_FROM_LAST) * uniform
-    return sequence

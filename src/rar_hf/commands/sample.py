@@ -16,7 +16,7 @@ interrupted run resumes where it stopped), sampling_fingerprint.json (everything
 models' configs and weight hashes, the sampling settings, seed, classes, count, dtype, rar-hf version; a re-run into
 the same folder resumes only if it matches exactly, and otherwise stops naming the settings that differ), then, once every process is done, samples.npz (all images sorted by class
 then index, uint8 NHWC under `arr_0`; it is built in memory: about 9.8 GB for 50,000 256px images) and
-sampling_settings.json. Sampling settings default to the model's `config.sampling_defaults` (the paper's values for
+sampling_settings.json. Sampling settings default to the model's `generation_config` (the paper's values for
 the official sizes). Pixels become uint8 as the official RAR sampler does, by truncation: `uint8(clamp(x, 0, 1) * 255)`
 (`--uint8_rounding round` rounds instead); TF32 matmuls are on by default on CUDA, as in the official sampler.
 """
@@ -48,10 +48,10 @@ def add_arguments(p):
     p.add_argument("--num_classes", type=positive_int, default=None, help="Use classes 0..N-1 (default: all of the model's).")
     p.add_argument("--class_labels", type=int, nargs="+", default=None, help="Only these class ids (a subset).")
     p.add_argument("--batch_size", type=positive_int, default=64, help="Images per pipeline call per process.")
-    p.add_argument("--guidance_scale", type=finite_float, default=None, help="Default: the model's sampling_defaults.")
-    p.add_argument("--guidance_scale_pow", type=finite_float, default=None, help="Default: the model's sampling_defaults.")
+    p.add_argument("--guidance_scale", type=finite_float, default=None, help="Default: the model's generation_config.")
+    p.add_argument("--guidance_scale_pow", type=finite_float, default=None, help="Default: the model's generation_config.")
     p.add_argument("--guidance_schedule", default="pow-cosine", help="pow-cosine (official), linear or constant.")
-    p.add_argument("--temperature", type=finite_float, default=None, help="Default: the model's sampling_defaults.")
+    p.add_argument("--temperature", type=finite_float, default=None, help="Default: the model's generation_config.")
     p.add_argument("--seed", type=int, default=0, help="Seed from which every image's seed is derived.")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="Compute dtype of both models.")
     p.add_argument("--cache_implementation", default=None, help="transformers KV cache, e.g. 'static'.")
@@ -179,12 +179,12 @@ def main(args):
     bad = [c for c in classes if not 0 <= c < config.num_classes]
     if bad:
         raise ValueError(f"class ids {bad} are outside this model's classes 0..{config.num_classes - 1}")
-    defaults = config.sampling_defaults
+    defaults = pipe.transformer.generation_config
     settings = {
-        "guidance_scale": defaults["guidance_scale"] if args.guidance_scale is None else args.guidance_scale,
-        "guidance_scale_pow": defaults["guidance_scale_pow"] if args.guidance_scale_pow is None else args.guidance_scale_pow,
+        "guidance_scale": defaults.guidance_scale if args.guidance_scale is None else args.guidance_scale,
+        "guidance_scale_pow": defaults.guidance_scale_pow if args.guidance_scale_pow is None else args.guidance_scale_pow,
         "guidance_schedule": args.guidance_schedule,
-        "temperature": defaults["temperature"] if args.temperature is None else args.temperature,
+        "temperature": defaults.temperature if args.temperature is None else args.temperature,
     }
 
     # Hashed before the weights move or change dtype; every process computes it, so every process can check it.

@@ -1,0 +1,1 @@
+"""The conformance gate: transformers' and diffusers' own test mixins on rar_hf (see README.md, `make conformance`)."""
