@@ -290,6 +290,24 @@ def test_hub_ids_offline_say_how_to_go_online(capsys, monkeypatch, tmp_path):
     assert "stacktrace" not in err[0]
 
 
+def test_assistant_model_from_a_cached_hub_pipeline_repo(tmp_path, capsys, monkeypatch, pipeline_calls):
+    import huggingface_hub.constants
+
+    # A pipeline repo in the Hub cache (offline): its transformer/ subfolder is the assistant.
+    revision = "0" * 40
+    repo = tmp_path / "hub" / "models--rar-hf-tests--digits"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+    shutil.copytree(DEFAULT_MODEL, repo / "snapshots" / revision)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    argv = ["generate", "--assistant_model", "rar-hf-tests/digits", "--output_path", str(tmp_path / "g.png")]
+    code, _, err = run_cli(argv, capsys)
+    assert code == 0, err
+    assistant = pipeline_calls["kwargs"][-1]["assistant_model"]
+    assert assistant.config.num_classes == 10 and assistant.config.codebook_size > 0
+
+
 # ---- convert (more in test_convert.py) ----
 
 

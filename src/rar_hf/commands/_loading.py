@@ -24,11 +24,11 @@ def is_local_path(name: str) -> bool:
     return Path(name).exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
 
 
-def check_hub_id(flag: str, repo_id: str, filename: str) -> None:
-    """With HF_HUB_OFFLINE=1, a Hub id must be in the local cache: say so before anything loads."""
+def check_hub_id(flag: str, repo_id: str, *filenames: str) -> None:
+    """With HF_HUB_OFFLINE=1, a Hub id must be in the local cache (one of `filenames`): say so before anything loads."""
     from huggingface_hub import constants, try_to_load_from_cache
 
-    if constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(repo_id, filename), str):
+    if constants.HF_HUB_OFFLINE and not any(isinstance(try_to_load_from_cache(repo_id, f), str) for f in filenames):
         raise UserError(f"{flag} {repo_id}: not a local folder and not in the Hugging Face cache; {HUB_OFFLINE_HINT}")
 
 
@@ -100,9 +100,14 @@ def load_transformer(value: str, flag: str, **kwargs):
         check_safetensors_files(path)
         source = str(path)
     else:
-        check_hub_id(flag, value, "config.json")
+        check_hub_id(flag, value, "config.json", "transformer/config.json")
         source = value
     try:
         return RARForImageGeneration.from_pretrained(source, **kwargs)
     except OSError as error:
+        if source == value and not is_local_path(value):  # a pipeline repo: its transformer/ subfolder
+            try:
+                return RARForImageGeneration.from_pretrained(value, subfolder="transformer", **kwargs)
+            except OSError:
+                pass
         raise hub_load_error(flag, value, error) from error
