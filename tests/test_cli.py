@@ -260,7 +260,7 @@ def test_generate_and_sample_model_errors_are_one_line(tmp_path, capsys, corrupt
     code, _, err = run_cli(["generate", "--class_labels", "sevn", "--output_path", str(tmp_path / "x.png")], capsys)
     assert_one_line_error(code, err, "Unknown class name 'sevn'", "seven")  # the pipeline's ValueError
     code, _, err = run_cli(["generate", "--model", str(tmp_path / "absent")], capsys)
-    assert_one_line_error(code, err, "absent", "no such pipeline folder")
+    assert_one_line_error(code, err, f"--model {tmp_path / 'absent'}: no such folder; expected a RARPipeline folder")
     weights = corrupted_pipeline / "transformer" / "model.safetensors"
     code, _, err = run_cli(["generate", "--model", str(weights)], capsys)
     assert_one_line_error(code, err, f"--model {weights} is a file; expected a RARPipeline folder")
@@ -411,3 +411,19 @@ def test_traceback_on_request(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("RAR_HF_TRACEBACK", "1")
     with pytest.raises(FileNotFoundError):
         cli.main(["convert", "--generator", str(tmp_path / "nope.bin"), "--output_dir", str(tmp_path / "out")])
+
+
+def test_digits_module_command_refuses_bad_paths_and_sizes(tmp_path, capsys):
+    from rar_hf.arguments import command_parser, run_script
+    from rar_hf.data import digits
+
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    parser = command_parser(digits, prog=digits.PROG)
+    with pytest.raises(SystemExit) as exit:
+        run_script(digits.main, parser.parse_args(["--output_dir", str(afile)]), digits.PROG)
+    assert exit.value.code == 2
+    assert capsys.readouterr().err == f"python -m rar_hf.data.digits: error: --output_dir {afile} is a file, expected a folder\n"
+    with pytest.raises(SystemExit) as exit:
+        parser.parse_args(["--output_dir", str(tmp_path), "--image_size", "0"])
+    assert exit.value.code == 2 and "--image_size: expected a positive integer" in capsys.readouterr().err

@@ -72,9 +72,10 @@ def load_state_dict_file(path, what: str = "weights file") -> dict[str, torch.Te
         raise FileNotFoundError(f"{what} not found: {path}")
     with open(path, "rb") as handle:
         head = handle.read(64)
-    readable = f"{path} is not a readable {what} (a PyTorch or safetensors state dict)"
+    readable = f"{path} is not a readable {what}"
+    expected = "expected a PyTorch (.bin, .pth) or safetensors state dict"
     if not head:
-        raise ValueError(f"{readable}: the file is empty")
+        raise ValueError(f"{readable}: the file is empty; {expected}")
     if path.suffix == ".safetensors" or _looks_like_safetensors(head):
         from safetensors.torch import load_file
 
@@ -89,7 +90,7 @@ def load_state_dict_file(path, what: str = "weights file") -> dict[str, torch.Te
             reason = str(error).removeprefix(f"{path}: ")
             raise ValueError(f"{readable} (truncated, corrupted or not weights only): {reason}") from error
     else:
-        raise ValueError(f"{readable}: {_describe_foreign(head)}")
+        raise ValueError(f"{readable}: {_describe_foreign(head)}; {expected}")
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise ValueError(f"{path} does not hold a state dict of tensors (got {type(state_dict).__name__}); expected the {what}")
     return state_dict

@@ -54,14 +54,20 @@ def hub_load_error(flag: str, name: str, error: BaseException) -> UserError:
     return UserError(f"{flag} {name}: could not load it: {type(root).__name__}: {' '.join(str(root).split())}")
 
 
+def local_folder(flag: str, value: str, expected: str) -> Path:
+    """`value` as a folder that exists, or a `UserError` saying what it is instead (a file, nothing)."""
+    path = Path(value)
+    if path.is_file():
+        raise UserError(f"{flag} {value} is a file; expected {expected}")
+    if not path.is_dir():
+        raise UserError(f"{flag} {value}: no such folder; expected {expected}")
+    return path
+
+
 def resolve_model(model: str) -> str:
     """A local pipeline folder, or a Hub id that can be loaded (in the cache when HF_HUB_OFFLINE=1)."""
-    path = Path(model)
     if is_local_path(model):
-        if path.is_file():
-            raise UserError(f"--model {model} is a file; expected {PIPELINE_FOLDER}")
-        if not path.is_dir():
-            raise UserError(f"--model {model}: no such pipeline folder")
+        path = local_folder("--model", model, PIPELINE_FOLDER)
         if not (path / "model_index.json").is_file():
             raise UserError(f"--model {model}: not a RARPipeline folder (no model_index.json)")
         check_safetensors_files(path)
@@ -87,12 +93,8 @@ def load_transformer(value: str, flag: str, **kwargs):
     from ..modeling_rar import RARForImageGeneration
 
     expected = "a RARForImageGeneration folder (config.json), a RARPipeline folder or a Hub id"
-    path = Path(value)
     if is_local_path(value):
-        if path.is_file():
-            raise UserError(f"{flag} {value} is a file; expected {expected}")
-        if not path.is_dir():
-            raise UserError(f"{flag} {value}: no such folder; expected {expected}")
+        path = local_folder(flag, value, expected)
         if not (path / "config.json").is_file() and (path / "model_index.json").is_file():
             path = path / "transformer"
         if not (path / "config.json").is_file():
