@@ -34,7 +34,6 @@ DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "pretrained" / "tiny-digit
 # A few ImageNet classes that read well in a grid: golden retriever, otter, lesser panda, geyser.
 IMAGENET_SHOWCASE = [207, 360, 387, 974]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-ACCEPTANCE_RULES = ("lossless", "relaxed")
 # The pipeline call's speculative options, under the same names as the flags.
 SPECULATIVE_OPTIONS = ("jacobi_window", "assistant_model", "num_assistant_tokens", "acceptance", "relax")
 MIN_CELL = 64
@@ -43,6 +42,7 @@ GAP = 4
 
 def add_arguments(parser):
     from ..generation_rar import GUIDANCE_SCHEDULES
+    from ..speculative_rar import ACCEPTANCE_RULES
 
     parser.add_argument(
         "--model",
