@@ -17,8 +17,8 @@ compute the metrics with the `rar_fid` evaluate module:
     metric.compute(pool=..., spatial=..., logits=..., reference_pool=..., reference_spatial=...)
 """
 
-from rar_hf.cli import run_script
+from rar_hf.arguments import command_parser, run_script
 from rar_hf.commands import evaluate
 
 if __name__ == "__main__":
-    run_script(evaluate)
+    run_script(evaluate.main, command_parser(evaluate).parse_args())

@@ -14,8 +14,8 @@ In Python:
     images = pipe(["seven", 3, None], num_images_per_label=8, generator=torch.Generator().manual_seed(0)).images
 """
 
-from rar_hf.cli import run_script
+from rar_hf.arguments import command_parser, run_script
 from rar_hf.commands import generate
 
 if __name__ == "__main__":
-    run_script(generate)
+    run_script(generate.main, command_parser(generate).parse_args())

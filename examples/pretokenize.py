@@ -15,7 +15,6 @@ Augmentations: `center` (ADM centre crop), `center_flip` (centre crop and its mi
 `ten_crop` (resize the short side to 1.1x, then four corners + centre and their mirrors, the paper's final models).
 """
 
-import argparse
 import json
 import os
 from pathlib import Path
@@ -26,15 +25,16 @@ from PIL import ImageOps
 from tqdm.auto import tqdm
 
 import rar_hf
+from rar_hf.arguments import ArgumentParser, run_script
 from rar_hf.data import center_crop_arr, pretokenized_metadata_path, read_official_jsonl, ten_crop_arr, to_tensor
-from rar_hf.training_utils import UserInputError, describe_load_error, load_pretrained, run_script
+from rar_hf.training_utils import UserInputError, describe_load_error, load_pretrained
 
 AUGMENTATIONS = ("center", "center_flip", "ten_crop")
 FEATURES = datasets.Features({"tokens": datasets.List(datasets.Value("int32")), "label": datasets.Value("int32")})
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--dataset_name", default=None, help="Image dataset: Hub id, local folder or parquet files.")
     p.add_argument("--official_jsonl", default=None, help="Import the official maskgitvq.jsonl instead of tokenising.")
     p.add_argument("--split", default="train", help="Split to tokenise (also the shard name prefix).")

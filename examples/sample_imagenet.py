@@ -11,8 +11,8 @@ Each process takes every P-th (class, index) of the work list, seeds one torch.G
 A re-run into the same folder resumes only if sampling_fingerprint.json matches the new settings exactly.
 """
 
-from rar_hf.cli import run_script
+from rar_hf.arguments import command_parser, run_script
 from rar_hf.commands import sample
 
 if __name__ == "__main__":
-    run_script(sample)
+    run_script(sample.main, command_parser(sample).parse_args())

@@ -10,7 +10,6 @@ Data comes either pre-tokenised (`--pretokenized_dataset`: parquet / datasets fo
 frozen tokenizer given by `--vqvae` turns into tokens on each process's device. The defaults are the paper's recipe.
 """
 
-import argparse
 import json
 import logging
 import time
@@ -25,6 +24,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from rar_hf import RARConfig, RARForImageGeneration
+from rar_hf.arguments import ArgumentParser, run_script
 from rar_hf.data import RARDataCollator
 from rar_hf.training_utils import (
     LOCK_NAME,
@@ -37,7 +37,6 @@ from rar_hf.training_utils import (
     load_pretrained,
     prepare_output_dir,
     resolve_checkpoint,
-    run_script,
     save_checkpoint,
     truncate_metrics,
 )
@@ -46,7 +45,7 @@ logger = get_logger(__name__)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     data = p.add_argument_group("data")
     data.add_argument("--pretokenized_dataset", default=None, help="Pre-tokenised data: folder, parquet glob, Hub id or official .jsonl.")
     data.add_argument("--dataset_name", default=None, help="Image dataset (Hub id, folder or parquet files) tokenised on the fly with --vqvae.")

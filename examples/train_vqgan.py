@@ -17,7 +17,6 @@ Example (the tiny digits tokenizer: about 3 minutes on 2 CPU cores)::
         --output_dir outputs/tiny-digits/vqgan
 """
 
-import argparse
 import json
 import logging
 import math
@@ -33,6 +32,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
+from rar_hf.arguments import ArgumentParser, run_script
 from rar_hf.data import ImageTransform, load_image_dataset
 from rar_hf.data.datasets import open_image_or_raise
 from rar_hf.modeling_maskgit_vqgan import MaskGITVQModel
@@ -45,7 +45,6 @@ from rar_hf.training_utils import (
     load_pretrained,
     prepare_output_dir,
     resolve_checkpoint,
-    run_script,
     save_checkpoint,
     truncate_metrics,
 )
@@ -54,7 +53,7 @@ logger = get_logger(__name__, log_level="INFO")
 
 
 def parse_args(input_args=None):
-    parser = argparse.ArgumentParser(description="Train a MaskGIT-VQGAN image tokenizer.")
+    parser = ArgumentParser(description="Train a MaskGIT-VQGAN image tokenizer.")
     model = parser.add_mutually_exclusive_group(required=True)
     model.add_argument(
         "--model_config",

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from rar_hf import RARConfig, RARForImageGeneration
 from rar_hf.convert import main
 from rar_hf.model_card import write_model_card
+from rar_hf.weights import load_state_dict_file
 
 from conftest import official_rar_layout
 
@@ -27,7 +28,7 @@ def converted_dir(rar_fixture_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def official_state_dict(rar_fixture_dir):
-    return torch.load(rar_fixture_dir / "generator.bin", map_location="cpu", weights_only=True)
+    return load_state_dict_file(rar_fixture_dir / "generator.bin")
 
 
 @torch.no_grad()
@@ -86,6 +87,36 @@ def test_truncated_file(rar_fixture_dir, tmp_path):
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="truncated"):
         main(["--generator", str(path), "--output_dir", str(tmp_path / "out")])
+
+
+def test_weights_files_are_read_by_content_and_never_run_code(official_state_dict, tmp_path):
+    from safetensors.torch import save_file
+
+    # safetensors is recognised by its header whatever the file is called; the legacy (non-zip) torch format loads.
+    save_file(official_state_dict, tmp_path / "generator.bin")
+    torch.save(official_state_dict, tmp_path / "legacy.bin", _use_new_zipfile_serialization=False)
+    for name in ("generator.bin", "legacy.bin"):
+        loaded = load_state_dict_file(tmp_path / name)
+        assert loaded.keys() == official_state_dict.keys()
+        assert all(torch.equal(loaded[k], official_state_dict[k]) for k in loaded)
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("ran",))
+
+    torch.save({"lm_head.weight": Payload()}, tmp_path / "planted.bin")
+    with pytest.raises(ValueError, match="planted.bin is not a readable official RAR .* weights-only loader refused"):
+        main(["--generator", str(tmp_path / "planted.bin"), "--output_dir", str(tmp_path / "out")])
+    torch.save([torch.zeros(2)], tmp_path / "list.bin")
+    with pytest.raises(ValueError, match=r"list.bin does not hold a state dict of tensors \(got list\)"):
+        load_state_dict_file(tmp_path / "list.bin")
+    (tmp_path / "empty.bin").write_bytes(b"")
+    with pytest.raises(ValueError, match="empty.bin is not a readable weights file: the file is empty; expected a PyTorch"):
+        load_state_dict_file(tmp_path / "empty.bin")
+    (tmp_path / "page.bin").write_bytes(b"<html><body>404 Not Found</body></html>")
+    with pytest.raises(ValueError, match=r"page.bin .*: it is a text file \(it starts with '<html><body>404 Not Found"):
+        load_state_dict_file(tmp_path / "page.bin")
+    assert not (tmp_path / "out").exists()
 
 
 def test_tokenizer_given_as_generator(vqgan_fixture_dir, tmp_path):

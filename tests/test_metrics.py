@@ -2,9 +2,6 @@
 
 import contextlib
 import json
-import os
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -25,7 +22,7 @@ from rar_hf.metrics.fid import (
     read_npz_header,
     read_npz_statistics,
 )
-from rar_hf.metrics.inception import FIDInceptionV3, resize_bilinear_tf1
+from rar_hf.metrics.inception import WEIGHTS_FILENAME, FIDInceptionV3, resize_bilinear_tf1
 
 try:  # installed with scikit-learn (test extra)
     from threadpoolctl import threadpool_limits
@@ -34,7 +31,6 @@ except ImportError:
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 METRIC_PATH = REPO_ROOT / "src" / "rar_hf" / "metrics" / "rar_fid"
-CLI_PATH = REPO_ROOT / "examples" / "evaluate_fid.py"
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -222,7 +218,7 @@ def test_inception_rejects_wrong_layout(random_inception):
         random_inception(torch.zeros(1, 64, 64, 3))
 
 
-def test_from_pretrained_loads_pth_and_safetensors(random_inception, tmp_path):
+def test_from_pretrained_loads_pth_and_safetensors(random_inception, tmp_path, monkeypatch):
     # The pytorch-fid file predates BatchNorm's num_batches_tracked counter.
     state_dict = {k: v for k, v in random_inception.state_dict().items() if "num_batches_tracked" not in k}
     torch.save(state_dict, tmp_path / "pt_inception.pth")
@@ -238,8 +234,16 @@ def test_from_pretrained_loads_pth_and_safetensors(random_inception, tmp_path):
         FIDInceptionV3.from_pretrained(tmp_path / "partial.pth")
     with pytest.raises(FileNotFoundError, match="pt_inception-2015-12-05"):
         FIDInceptionV3.from_pretrained(tmp_path / "absent.pth")
-    with pytest.raises(ValueError, match="download=True"):
+
+    # Offline use: the file in torch.hub's checkpoint folder is found without a path (and without a download).
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    with pytest.raises(FileNotFoundError, match=f"in {tmp_path / 'torch-home' / 'hub' / 'checkpoints'} for offline use"):
         FIDInceptionV3.from_pretrained()
+    (tmp_path / "torch-home" / "hub" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "pt_inception.pth").rename(tmp_path / "torch-home" / "hub" / "checkpoints" / WEIGHTS_FILENAME)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", None)  # no network use
+    loaded = FIDInceptionV3.from_pretrained(download=True)
+    torch.testing.assert_close(loaded.fc.weight, state_dict["fc.weight"])
 
 
 # npz files ------------------------------------------------------------------------------------------------
@@ -305,54 +309,52 @@ def test_evaluate_module_loads_offline_and_matches_fid_py(monkeypatch):
     )
 
 
-# CLI ------------------------------------------------------------------------------------------------------
+# CLI: rar-hf evaluate, in-process -------------------------------------------------------------------------
 
 
-def _load_cli():
-    from rar_hf.commands import evaluate as module
+def run_evaluate(*argv):
+    """`rar-hf evaluate ARGV` in this process: the results dict it returns (a refused input raises SystemExit(2))."""
+    from rar_hf.arguments import command_parser
+    from rar_hf.commands import evaluate as command
 
-    return module
+    return command.main(command_parser(command).parse_args([str(a) for a in argv]))
 
 
-def test_evaluate_fid_cli_end_to_end(tmp_path):
+def test_evaluate_end_to_end_with_an_adm_reference_batch(tmp_path, capsys, tiny_inception):
+    from rar_hf import cli
+
     rng = np.random.default_rng(7)
-    np.savez(tmp_path / "samples.npz", rng.integers(0, 256, size=(5, 32, 32, 3), dtype=np.uint8))
-    np.savez(
-        tmp_path / "reference.npz",
-        rng.integers(0, 256, size=(5, 32, 32, 3), dtype=np.uint8),
-        mu=np.zeros(2048),
-        sigma=np.eye(2048) * 1e-4,
-        mu_s=np.zeros(7 * 17 * 17),
-        sigma_s=np.eye(7 * 17 * 17) * 1e-4,
-    )
+    samples = rng.integers(0, 256, size=(5, 32, 32, 3), dtype=np.uint8)
+    np.savez(tmp_path / "samples.npz", samples)
+    stored = {"mu": np.full(12, 0.5), "sigma": np.eye(12) * 1e-2, "mu_s": np.zeros(8), "sigma_s": np.eye(8) * 1e-2}
+    np.savez(tmp_path / "reference.npz", rng.integers(0, 256, size=(5, 32, 32, 3), dtype=np.uint8), **stored)
     output = tmp_path / "out" / "metrics.json"
-    # One BLAS/OpenMP thread: on a shared CPU, oversubscribed LAPACK threads make the 2048-d FID crawl.
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    command = [sys.executable, str(CLI_PATH), "--samples", str(tmp_path / "samples.npz")]
-    command += ["--reference", str(tmp_path / "reference.npz"), "--random_inception_weights"]
-    command += ["--batch_size", "3", "--device", "cpu", "--output_json", str(output)]
-    completed = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
-    assert completed.returncode == 0, completed.stderr
-
+    cli.main(["evaluate", "--samples", str(tmp_path / "samples.npz"), "--reference", str(tmp_path / "reference.npz"),
+              "--random_inception_weights", "--batch_size", "3", "--device", "cpu", "--output_json", str(output)])  # fmt: skip
     results = json.loads(output.read_text())
-    assert results == json.loads(completed.stdout)
+    assert results == json.loads(capsys.readouterr().out)
     for key in ("fid", "sfid", "inception_score", "precision", "recall"):
         assert np.isfinite(results[key]), key
     assert 0 <= results["precision"] <= 1 and 0 <= results["recall"] <= 1
     assert results["inception_score"] >= 1.0 - 1e-9
     assert results["num_samples"] == 5 and results["num_reference"] == 5
-    assert results["reference_statistics"] == "stored"
     assert results["inception_weights"] == "random (test only)"
+    # FID and sFID against the stored statistics, not against statistics of the reference images.
+    assert results["reference_statistics"] == "stored"
+    with torch.no_grad():
+        features = TinyInception()(torch.tensor(samples).permute(0, 3, 1, 2))
+    assert results["fid"] == pytest.approx(frechet_distance(*compute_statistics(features.pool), stored["mu"], stored["sigma"]))
+    assert results["sfid"] == pytest.approx(
+        frechet_distance(*compute_statistics(features.spatial), stored["mu_s"], stored["sigma_s"])
+    )
 
 
-def test_evaluate_fid_cli_rejects_bad_inputs(tmp_path):
-    cli = _load_cli()
+def test_evaluate_rejects_bad_inputs(tmp_path):
     reference = tmp_path / "reference.npz"
     np.savez(reference, np.zeros((5, 8, 8, 3), np.uint8))
 
     def run(samples):
-        args = ["--samples", str(samples), "--reference", str(reference), "--random_inception_weights"]
-        return cli.main(cli.parse_args(args))
+        return run_evaluate("--samples", samples, "--reference", reference, "--random_inception_weights")
 
     np.savez(tmp_path / "floats.npz", np.zeros((5, 8, 8, 3), np.float32))
     with pytest.raises(ValueError, match=r"expected uint8 images, got float32 \(floats in \[0, 1\]"):
@@ -370,17 +372,185 @@ def test_evaluate_fid_cli_rejects_bad_inputs(tmp_path):
         run(tmp_path / "few.npz")
 
 
-def test_evaluate_fid_cli_reads_png_folders(tmp_path):
+def test_evaluate_reads_png_folders(tmp_path):
     from PIL import Image
 
-    cli = _load_cli()
+    from rar_hf.metrics.images import open_images
+
     images = np.random.default_rng(8).integers(0, 256, size=(3, 6, 4, 3), dtype=np.uint8)
     for index, image in enumerate(images):
         Image.fromarray(image).save(tmp_path / f"{index:05d}.png")
-    shape, batches = cli.open_images(str(tmp_path), batch_size=2)
+    shape, batches = open_images(str(tmp_path), batch_size=2)
     assert shape == (3, 6, 4)
     np.testing.assert_array_equal(np.concatenate(list(batches)), images)
 
     Image.fromarray(np.zeros((6, 4, 4), np.uint8)).save(tmp_path / "00003.png")  # RGBA
     with pytest.raises(ValueError, match="expected an RGB image, got mode RGBA"):
-        list(cli.open_images(str(tmp_path), batch_size=2)[1])
+        list(open_images(str(tmp_path), batch_size=2)[1])
+
+
+# A reference of your own images: computed here, cached beside the samples -------------------------------
+
+
+class TinyInception(torch.nn.Module):
+    """A stand-in for the 24M-parameter network with the same interface: 12-d pool, 8-d spatial, 4 logits."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        self.proj = torch.nn.Parameter(torch.randn(3 * 4 * 4, 24, generator=torch.Generator().manual_seed(seed)))
+
+    def forward(self, images):
+        from rar_hf.metrics.inception import InceptionFeatures
+
+        x = images.float() / 255 if images.dtype == torch.uint8 else images.float()
+        x = torch.nn.functional.adaptive_avg_pool2d(x, 4).flatten(1) @ self.proj
+        return InceptionFeatures(pool=x[:, :12], spatial=x[:, 12:20], logits=x[:, 20:])
+
+
+@pytest.fixture
+def tiny_inception(monkeypatch):
+    from rar_hf.commands import evaluate as command
+
+    seeds = {"seed": 0}
+    monkeypatch.setattr(command, "load_inception", lambda args: TinyInception(seeds["seed"]))
+    return seeds
+
+
+def write_pngs(folder, images, prefix=""):
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, image in enumerate(images):
+        Image.fromarray(image).save(folder / f"{prefix}{index:03d}.png")
+
+
+@pytest.fixture
+def own_data(tmp_path):
+    """16x16 PNG samples in out/samples/, and a reference image folder data/train/<class>/ of 24x20 images."""
+    rng = np.random.default_rng(9)
+    write_pngs(tmp_path / "out" / "samples", rng.integers(0, 256, size=(8, 16, 16, 3), dtype=np.uint8))
+    reference = rng.integers(0, 256, size=(9, 24, 20, 3), dtype=np.uint8)
+    for name, part in (("cat", reference[:5]), ("dog", reference[5:])):
+        write_pngs(tmp_path / "data" / "train" / name, part, prefix=name)
+    return tmp_path / "out" / "samples", tmp_path / "data" / "train", reference
+
+
+def expected_fid(samples, reference_images, seed=0):
+    """FID of the tiny network's activations, with the reference centre-cropped to 16x16 as ADM did."""
+    from PIL import Image
+
+    from rar_hf.data import center_crop_arr
+
+    cropped = np.stack([np.asarray(center_crop_arr(Image.fromarray(a), 16)) for a in reference_images])
+    model = TinyInception(seed)
+    with torch.no_grad():
+        pools = [model(torch.tensor(x).permute(0, 3, 1, 2)).pool.numpy() for x in (samples, cropped)]
+    return frechet_distance(*compute_statistics(pools[0]), *compute_statistics(pools[1]))
+
+
+def test_evaluate_computes_a_folders_reference_statistics_and_caches_them(own_data, tiny_inception, capsys):
+    samples_dir, reference_dir, reference = own_data
+    samples = np.stack([np.asarray(__import__("PIL.Image").Image.open(p)) for p in sorted(samples_dir.glob("*.png"))])
+    argv = ["--samples", samples_dir, "--reference", reference_dir, "--random_inception_weights"]
+
+    first = run_evaluate(*argv)
+    caches = sorted(samples_dir.parent.glob("fid_reference-*.npz"))
+    assert len(caches) == 1 and first["reference_cache"] == str(caches[0])  # beside the samples
+    assert first["reference_statistics"] == "computed" and first["num_reference"] == 9
+    assert first["fid"] == pytest.approx(expected_fid(samples, reference), rel=1e-5)
+    assert "centre crop to 16x16" in first["reference_preprocessing"]
+
+    # The same images and settings: read back, the same numbers, nothing recomputed.
+    mtime = caches[0].stat().st_mtime_ns
+    second = run_evaluate(*argv)
+    assert second["reference_statistics"] == "cached" and caches[0].stat().st_mtime_ns == mtime
+    assert {k: second[k] for k in ("fid", "sfid", "precision", "recall")} == {
+        k: first[k] for k in ("fid", "sfid", "precision", "recall")
+    }
+    assert "read from" in capsys.readouterr().err
+
+
+def test_a_reference_cache_is_never_reused_for_other_images_or_settings(own_data, tiny_inception, capsys):
+    samples_dir, reference_dir, reference = own_data
+    samples = np.stack([np.asarray(__import__("PIL.Image").Image.open(p)) for p in sorted(samples_dir.glob("*.png"))])
+    argv = ["--samples", samples_dir, "--reference", reference_dir, "--random_inception_weights"]
+    first = run_evaluate(*argv)
+    first_cache = Path(first["reference_cache"])
+
+    # One reference pixel changed: another key, computed again into its own file; the old cache is left alone.
+    changed = reference.copy()
+    changed[6, 0, 0, 0] ^= 0xFF
+    write_pngs(reference_dir / "dog", changed[5:], prefix="dog")
+    again = run_evaluate(*argv)
+    assert again["reference_statistics"] == "computed" and again["reference_cache"] != str(first_cache)
+    assert again["fid"] == pytest.approx(expected_fid(samples, changed), rel=1e-5)
+    assert len(list(samples_dir.parent.glob("fid_reference-*.npz"))) == 2
+
+    # Other Inception weights: another key too.
+    tiny_inception["seed"] = 1
+    other = run_evaluate(*argv)
+    assert other["reference_statistics"] == "computed"
+    assert other["fid"] == pytest.approx(expected_fid(samples, changed, seed=1), rel=1e-5)
+
+    # A file under the right name that holds another key (copied, or written by something else) is not trusted.
+    first_cache.replace(other["reference_cache"])
+    capsys.readouterr()
+    redone = run_evaluate(*argv)
+    assert redone["reference_statistics"] == "computed" and redone["fid"] == other["fid"]
+    assert "holds the statistics of other images or settings" in capsys.readouterr().err
+    assert run_evaluate(*argv)["reference_statistics"] == "cached"  # the bad file was replaced
+
+    # No cache at all, on request.
+    assert run_evaluate(*argv, "--reference_cache_dir", "none")["reference_cache"] is None
+
+
+def test_evaluate_reads_a_datasets_folder_as_reference(own_data, tiny_inception, tmp_path):
+    import datasets
+
+    samples_dir, _, reference = own_data
+    samples = np.stack([np.asarray(__import__("PIL.Image").Image.open(p)) for p in sorted(samples_dir.glob("*.png"))])
+    from PIL import Image
+
+    features = datasets.Features({"picture": datasets.Image(), "label": datasets.Value("int64")})
+    rows = {"picture": [Image.fromarray(a) for a in reference], "label": list(range(9))}
+    split = datasets.Dataset.from_dict(rows, features=features)
+    datasets.DatasetDict({"train": split, "test": split.select(range(4))}).save_to_disk(str(tmp_path / "saved"))
+    argv = ["--samples", samples_dir, "--reference", tmp_path / "saved", "--random_inception_weights"]
+    with pytest.raises(ValueError, match=r"has several splits \(train, test\): choose one with --reference_split"):
+        run_evaluate(*argv)
+    results = run_evaluate(*argv, "--reference_split", "train", "--reference_cache_dir", tmp_path / "cache")
+    assert results["num_reference"] == 9 and results["reference_cache"].startswith(str(tmp_path / "cache"))
+    assert results["fid"] == pytest.approx(expected_fid(samples, reference), rel=1e-5)
+    # Parquet shards (what `python -m rar_hf.data.digits` writes) are a dataset folder too.
+    (tmp_path / "shards" / "data").mkdir(parents=True)
+    split.to_parquet(str(tmp_path / "shards" / "data" / "train-00000-of-00001.parquet"))
+    parquet = run_evaluate("--samples", samples_dir, "--reference", tmp_path / "shards", "--random_inception_weights")
+    assert parquet["fid"] == pytest.approx(results["fid"], rel=1e-6)
+
+
+def test_bad_references_are_one_line_before_any_compute(own_data, tmp_path, monkeypatch):
+    from rar_hf.commands import evaluate as command
+
+    samples_dir, reference_dir, _ = own_data
+
+    def no_compute(*args, **kwargs):
+        raise AssertionError("Inception ran before the bad input was reported")
+
+    monkeypatch.setattr(command, "compute_activations", no_compute)
+    monkeypatch.setattr(command, "load_inception", lambda args: TinyInception())
+    (reference_dir / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    with pytest.raises(ValueError, match=r"broken.png: not a decodable image"):
+        run_evaluate("--samples", samples_dir, "--reference", reference_dir, "--random_inception_weights")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="doesn't contain any data files"):
+        run_evaluate("--samples", samples_dir, "--reference", tmp_path / "empty", "--random_inception_weights")
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(ValueError, match=r"--reference .*notes.txt: expected an ADM reference batch \(.npz\), an image folder"):
+        run_evaluate("--samples", samples_dir, "--reference", tmp_path / "notes.txt", "--random_inception_weights")
+    from PIL import Image
+
+    wide = tmp_path / "wide"
+    write_pngs(wide, np.zeros((4, 8, 16, 3), np.uint8))
+    with pytest.raises(ValueError, match="samples are 8x16: .* must be square"):
+        run_evaluate("--samples", wide, "--reference", reference_dir, "--random_inception_weights")
+    del Image

@@ -5,7 +5,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from rar_hf.convert import maskgit_vqgan_from_official_checkpoint
 from rar_hf.modeling_maskgit_vqgan import MaskGITVQModel
+from rar_hf.weights import load_state_dict_file
 
 from conftest import official_vqgan_config
 
@@ -23,13 +25,13 @@ def tiny_model(**overrides) -> MaskGITVQModel:
 @pytest.fixture(scope="module")
 def official(vqgan_fixture_dir):
     config = official_vqgan_config(vqgan_fixture_dir)
-    model = MaskGITVQModel.from_official_checkpoint(vqgan_fixture_dir / "tokenizer.bin", sample_size=config["resolution"])
+    model = maskgit_vqgan_from_official_checkpoint(vqgan_fixture_dir / "tokenizer.bin", sample_size=config["resolution"])
     return model, load_file(vqgan_fixture_dir / "cases.safetensors"), config
 
 
 @pytest.fixture(scope="module")
 def official_state_dict(vqgan_fixture_dir):
-    return torch.load(vqgan_fixture_dir / "tokenizer.bin", map_location="cpu", weights_only=True)
+    return load_state_dict_file(vqgan_fixture_dir / "tokenizer.bin")
 
 
 @torch.no_grad()
@@ -140,7 +142,7 @@ def test_bad_latents_and_grid_raise():
 
 def test_conversion_infers_config_and_strips_prefix(official_state_dict, vqgan_fixture_dir):
     prefixed = {f"module.{key}": value for key, value in official_state_dict.items()}
-    model = MaskGITVQModel.from_official_checkpoint(prefixed)
+    model = maskgit_vqgan_from_official_checkpoint(prefixed)
     official = official_vqgan_config(vqgan_fixture_dir)
     expected = dict(
         hidden_channels=official["hidden_channels"],
@@ -157,33 +159,40 @@ def test_conversion_rejects_mismatched_state_dicts(official_state_dict):
     # A channel-changing decoder block: its shortcut is the one key that shapes alone would not reveal as missing.
     shortcut = next(key for key in official_state_dict if key.startswith("decoder.up.") and "nin_shortcut.weight" in key)
     del missing[shortcut]
-    with pytest.raises(ValueError, match="missing key " + re.escape(shortcut)):
-        MaskGITVQModel.from_official_checkpoint(missing)
+    with pytest.raises(ValueError, match=r"missing: \[" + re.escape(repr(shortcut)) + r"\]"):
+        maskgit_vqgan_from_official_checkpoint(missing)
 
     extra = {**official_state_dict, "encoder.conv_in.bias": torch.zeros(32)}
-    with pytest.raises(ValueError, match=r"unexpected key encoder\.conv_in\.bias"):
-        MaskGITVQModel.from_official_checkpoint(extra)
+    with pytest.raises(ValueError, match=r"unexpected: \['encoder\.conv_in\.bias'\]"):
+        maskgit_vqgan_from_official_checkpoint(extra)
 
     reshaped = {**official_state_dict, "decoder.conv_in.bias": torch.zeros(7)}
-    with pytest.raises(ValueError, match=r"shape mismatch for decoder\.conv_in\.bias: checkpoint \(7,\)"):
-        MaskGITVQModel.from_official_checkpoint(reshaped)
+    with pytest.raises(ValueError, match=r"decoder\.conv_in\.bias: checkpoint \(7,\) vs expected"):
+        maskgit_vqgan_from_official_checkpoint(reshaped)
 
-    with pytest.raises(ValueError, match="lacks"):
-        MaskGITVQModel.from_official_checkpoint({"quantize.embedding.weight": torch.zeros(4, 2)})
+    with pytest.raises(ValueError, match="Not an official MaskGIT-VQGAN checkpoint: it lacks"):
+        maskgit_vqgan_from_official_checkpoint({"quantize.embedding.weight": torch.zeros(4, 2)})
 
 
-def test_conversion_file_errors(tmp_path):
+def test_conversion_file_errors(tmp_path, rar_fixture_dir):
     with pytest.raises(FileNotFoundError, match="nope.bin"):
-        MaskGITVQModel.from_official_checkpoint(tmp_path / "nope.bin")
+        maskgit_vqgan_from_official_checkpoint(tmp_path / "nope.bin")
 
     full = tmp_path / "full.bin"
     torch.save(tiny_model().state_dict(), full)
-    assert MaskGITVQModel.from_official_checkpoint(full).config.channel_mult == [1, 1, 2]
+    assert maskgit_vqgan_from_official_checkpoint(full).config.channel_mult == [1, 1, 2]
     truncated = tmp_path / "truncated.bin"
     data = full.read_bytes()
     truncated.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match="not a valid PyTorch checkpoint"):
-        MaskGITVQModel.from_official_checkpoint(truncated)
+    with pytest.raises(ValueError, match="truncated.bin is not a readable official MaskGIT-VQGAN checkpoint"):
+        maskgit_vqgan_from_official_checkpoint(truncated)
+    with pytest.raises(ValueError, match="Not an official MaskGIT-VQGAN checkpoint"):  # the generator given instead
+        maskgit_vqgan_from_official_checkpoint(rar_fixture_dir / "generator.bin")
+
+
+def test_official_loading_lives_in_convert_only():
+    # One way to load official checkpoints, for both models: functions in rar_hf.convert.
+    assert not hasattr(MaskGITVQModel, "from_official_checkpoint")
 
 
 def test_training_reduces_reconstruction_error():

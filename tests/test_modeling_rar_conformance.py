@@ -1,8 +1,6 @@
 """The contracts every transformers model keeps (outputs, deprecations, loss, generation dicts, compilation), on RAR."""
 
-import ast
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -298,28 +296,3 @@ def test_compiled_decoding_never_recompiles(guidance_scale):
     assert torch.equal(model.generate(**kwargs), eager)
     assert counter.frame_count == 2
     torch._dynamo.reset()
-
-
-# ---------------------------------------------------------------------------------------------------------- layout
-def test_package_has_no_import_cycles():
-    package = Path(__file__).resolve().parents[1] / "src" / "rar_hf"
-    graph = {}
-    for path in package.rglob("*.py"):
-        module = ".".join(path.relative_to(package.parent).with_suffix("").parts).removesuffix(".__init__")
-        imports = set()
-        for node in ast.walk(ast.parse(path.read_text())):  # every import, also those inside functions
-            if isinstance(node, ast.ImportFrom) and node.level:
-                base = module.split(".")[: len(module.split(".")) - node.level + (path.name == "__init__.py")]
-                target = ".".join(base + ([node.module] if node.module else []))
-                imports.add(target)
-        graph[module] = {target for target in imports if target != "rar_hf"}
-
-    def visit(module, stack):
-        if module in stack:
-            raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(module) :] + [module]))
-        for target in graph.get(module, ()):
-            visit(target, stack + [module])
-
-    for module in graph:
-        visit(module, [])
-    assert "rar_hf.convert" in graph and "rar_hf.modeling_rar" in graph["rar_hf.convert"]

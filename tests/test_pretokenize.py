@@ -1,11 +1,11 @@
-"""examples/pretokenize.py and the on-the-fly tokenising path of examples/train_rar.py on a made-up image dataset."""
+"""examples/pretokenize.py and the on-the-fly tokenising path of examples/train_rar.py on a made-up image dataset, run
+in this process as their `__main__` runs them."""
 
+import importlib.util
 import io
 import json
-import os
+import logging
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import datasets
@@ -14,30 +14,61 @@ import pytest
 import torch
 from PIL import Image
 
+from rar_hf.arguments import run_script
 from rar_hf.modeling_maskgit_vqgan import MaskGITVQModel
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_IMAGES = 24
 
 
-def launch(script, *args):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(REPO / "examples" / script), *map(str, args)], capture_output=True, text=True, env=env, timeout=600)
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(f"example_{name.removesuffix('.py')}", REPO / "examples" / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def run(script, *args):
-    result = launch(script, *args)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return result.stdout + result.stderr
+@pytest.fixture(autouse=True)
+def _no_stream_shutdown_sleep(monkeypatch):
+    # datasets sleeps 5 s after each streamed pass over parquet shards (a guard for arrow's reader threads at
+    # interpreter exit, apache/arrow#45214); in-process, the interpreter goes on, and the runs here cross many passes.
+    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0)
 
 
-def refused(script, *args):
-    """The last stderr line of a run that must stop on a user error: exit status 2, no traceback."""
-    result = launch(script, *args)
-    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-4000:]
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: "), last
-    return last
+@pytest.fixture(scope="module")
+def scripts():
+    return {name: load_script(name) for name in ("pretokenize.py", "train_rar.py")}
+
+
+@pytest.fixture
+def run(scripts, capsys, caplog):
+    """Run an example script in this process as its `__main__` does; return what it printed and logged."""
+
+    def run(script, *args):
+        module = scripts[script]
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            run_script(module.main, module.parse_args([str(a) for a in args]), script)
+        out, err = capsys.readouterr()
+        return out + err + caplog.text
+
+    return run
+
+
+@pytest.fixture
+def refused(scripts, capsys):
+    """The error line of a run that must stop on a user error: exit status 2, one line `SCRIPT: error: ...`."""
+
+    def refused(script, *args):
+        module = scripts[script]
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit:
+            run_script(module.main, module.parse_args([str(a) for a in args]), script)
+        errors = [line for line in capsys.readouterr().err.splitlines() if ": error: " in line]
+        assert exit.value.code == 2 and len(errors) == 1 and errors[0].startswith(f"{script}: error: "), errors
+        return errors[0]
+
+    return refused
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +96,7 @@ def image_data(tmp_path_factory):
     return root
 
 
-def test_pretokenize_writes_resumable_shards(image_data, tmp_path):
+def test_pretokenize_writes_resumable_shards(image_data, tmp_path, run, refused):
     out = tmp_path / "tokens"
     args = ["--dataset_name", image_data / "train.parquet", "--vqvae", image_data / "vqvae", "--resolution", 16,
             "--augmentation", "center_flip", "--num_shards", 3, "--batch_size", 4, "--output_dir", out]  # fmt: skip
@@ -112,7 +143,7 @@ def test_pretokenize_writes_resumable_shards(image_data, tmp_path):
     assert sorted((out / "data").glob("*.parquet")) == shards
 
 
-def test_pretokenize_imports_the_official_jsonl(tmp_path):
+def test_pretokenize_imports_the_official_jsonl(tmp_path, run, refused):
     lines = [json.dumps({"class_id": i % 5, "tokens": [(i + j) % 1024 for j in range(256)]}) for i in range(10)]
     (tmp_path / "maskgitvq.jsonl").write_text("\n".join(lines) + "\n")
     run("pretokenize.py", "--official_jsonl", tmp_path / "maskgitvq.jsonl", "--num_shards", 2, "--output_dir", tmp_path / "out")
@@ -127,7 +158,7 @@ def test_pretokenize_imports_the_official_jsonl(tmp_path):
     assert "holds 2 train shards but no rar_pretokenized-train.json" in line
 
 
-def test_a_corrupted_official_jsonl_is_an_error_naming_the_file_and_line(tmp_path):
+def test_a_corrupted_official_jsonl_is_an_error_naming_the_file_and_line(tmp_path, run, refused):
     good = json.dumps({"class_id": 1, "tokens": [1, 2, 3, 4]})
     (tmp_path / "bad.jsonl").write_text(good + "\n" + good[:20] + "\n")
     line = refused("pretokenize.py", "--official_jsonl", tmp_path / "bad.jsonl", "--output_dir", tmp_path / "out")
@@ -137,7 +168,7 @@ def test_a_corrupted_official_jsonl_is_an_error_naming_the_file_and_line(tmp_pat
     assert f"{tmp_path / 'binary.jsonl'}: not a text jsonl file" in line
 
 
-def test_training_on_streamed_images_tokenised_on_the_fly(image_data, tmp_path):
+def test_training_on_streamed_images_tokenised_on_the_fly(image_data, tmp_path, run, refused):
     out = tmp_path / "run"
     run(
         "train_rar.py", "--dataset_name", image_data / "train.parquet", "--streaming", "--vqvae", image_data / "vqvae",
@@ -164,7 +195,7 @@ def test_training_on_streamed_images_tokenised_on_the_fly(image_data, tmp_path):
     assert images.shape == (2, 16, 16, 3)
 
 
-def test_resuming_streamed_training_with_flips_reproduces_the_uninterrupted_run(image_data, tmp_path):
+def test_resuming_streamed_training_with_flips_reproduces_the_uninterrupted_run(image_data, tmp_path, run, refused):
     # 24 decodable images, batches of 8: the 8 steps cross two epoch boundaries, the resume happens mid-epoch.
     common = [
         "--dataset_name", image_data / "train.parquet", "--streaming", "--random_flip", "--vqvae", image_data / "vqvae",
@@ -185,7 +216,7 @@ def test_resuming_streamed_training_with_flips_reproduces_the_uninterrupted_run(
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7), (a, b)
 
 
-def test_training_on_pretokenized_shards_takes_sizes_and_names_from_their_metadata(image_data, tmp_path):
+def test_training_on_pretokenized_shards_takes_sizes_and_names_from_their_metadata(image_data, tmp_path, run, refused):
     tokens = tmp_path / "tokens"
     run("pretokenize.py", "--dataset_name", image_data / "train.parquet", "--vqvae", image_data / "vqvae", "--resolution", 16,
         "--augmentation", "center", "--num_shards", 2, "--output_dir", tokens)  # fmt: skip
@@ -207,7 +238,7 @@ def test_training_on_pretokenized_shards_takes_sizes_and_names_from_their_metada
     assert f"--vqvae {tmp_path / 'other'} is not the tokenizer --pretokenized_dataset {tokens} was made with" in line
 
 
-def test_class_names_and_count_come_from_an_image_folder(image_data, tmp_path):
+def test_class_names_and_count_come_from_an_image_folder(image_data, tmp_path, run, refused):
     rng = np.random.default_rng(1)
     for name, level in (("cat", 40), ("dog", 200)):
         (tmp_path / "pets" / "train" / name).mkdir(parents=True)

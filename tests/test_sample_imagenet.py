@@ -1,10 +1,11 @@
 """`rar-hf sample` / examples/sample_imagenet.py: the ADM npz, settings, fingerprinted resume, and per-image seeds
-independent of batching."""
+independent of batching. In-process, except the 2-process launch of the example script."""
 
+import contextlib
+import io
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,8 @@ from PIL import Image
 
 from conftest import torchrun
 
-from rar_hf import RARConfig, RARForImageGeneration
+from rar_hf import RARConfig, RARForImageGeneration, cli
+from rar_hf.arguments import command_parser
 from rar_hf.modeling_maskgit_vqgan import MaskGITVQModel
 from rar_hf.pipeline_rar import RARPipeline
 
@@ -39,21 +41,22 @@ def pipeline_dir(tmp_path_factory):
     return path
 
 
-def run_sampler(model_dir, output_dir, *extra, num_processes=1, entry=(str(SCRIPT),), expect_error=False):
-    """Run the example script (or `-m rar_hf sample`) like `accelerate launch` does; return stdout (stderr on error)."""
+def run_sampler(model_dir, output_dir, *extra, capsys=None):
+    """`rar-hf sample` in this process; returns its stdout (with `capsys`)."""
+    argv = ["sample", "--model", str(model_dir), "--output_dir", str(output_dir),
+            "--num_images_per_class", str(PER_CLASS), "--seed", "3", *map(str, extra)]  # fmt: skip
+    cli.main(argv)
+    return capsys.readouterr().out if capsys is not None else None
+
+
+def launch_two_processes(model_dir, output_dir, *extra):
+    """The example script under a 2-process launch, as `accelerate launch` runs it on CPU (gloo)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), env.get("PYTHONPATH", "")])
-    launcher = [sys.executable]
-    if num_processes > 1:  # what `accelerate launch` does, on CPU (gloo)
-        launcher = torchrun(num_processes)
-        env["ACCELERATE_USE_CPU"] = "true"
-    command = [*launcher, *entry, "--model", str(model_dir), "--output_dir", str(output_dir),
-               "--num_images_per_class", str(PER_CLASS), "--seed", "3", *extra]
+    env["ACCELERATE_USE_CPU"] = "true"
+    command = [*torchrun(2), str(SCRIPT), "--model", str(model_dir), "--output_dir", str(output_dir),
+               "--num_images_per_class", str(PER_CLASS), "--seed", "3", *extra]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
-    if expect_error:
-        assert result.returncode != 0, result.stdout
-        assert "Traceback" not in result.stderr, result.stderr
-        return result.stderr
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
 
@@ -65,8 +68,10 @@ def read_images(output_dir):
 @pytest.fixture(scope="module")
 def batch4_run(pipeline_dir, tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("samples-b4")
-    stdout = run_sampler(pipeline_dir, output_dir, "--batch_size", "4")
-    return output_dir, stdout
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        run_sampler(pipeline_dir, output_dir, "--batch_size", "4")
+    return output_dir, stdout.getvalue()
 
 
 def test_npz_and_settings(batch4_run, pipeline_dir):
@@ -90,14 +95,14 @@ def test_npz_and_settings(batch4_run, pipeline_dir):
     assert settings["num_classes"] == NUM_CLASSES
 
 
-def test_resume_regenerates_only_missing(batch4_run, pipeline_dir):
+def test_resume_regenerates_only_missing(batch4_run, pipeline_dir, capsys):
     output_dir, _ = batch4_run
     before = read_images(output_dir)
     paths = sorted((output_dir / "images").glob("*.png"))
     mtimes = {p.name: p.stat().st_mtime_ns for p in paths}
     victim = output_dir / "images" / "0001_001.png"
     victim.unlink()
-    stdout = run_sampler(pipeline_dir, output_dir, "--batch_size", "4")
+    stdout = run_sampler(pipeline_dir, output_dir, "--batch_size", "4", capsys=capsys)
     assert "5 of 6 images already exist, generating 1" in stdout
     for path in paths:
         if path != victim:
@@ -108,7 +113,7 @@ def test_resume_regenerates_only_missing(batch4_run, pipeline_dir):
 
 def test_images_do_not_depend_on_batch_size_or_process_count(batch4_run, pipeline_dir, tmp_path):
     output_dir, _ = batch4_run
-    stdout = run_sampler(pipeline_dir, tmp_path, "--batch_size", "1", num_processes=2)
+    stdout = launch_two_processes(pipeline_dir, tmp_path, "--batch_size", "1")
     assert "process 1/2: 0 of 3 images already exist" in stdout
     assert json.loads((tmp_path / "sampling_settings.json").read_text())["num_processes"] == 2
     batch4, batch1 = read_images(output_dir), read_images(tmp_path)
@@ -119,8 +124,7 @@ def test_images_do_not_depend_on_batch_size_or_process_count(batch4_run, pipelin
 
 
 def test_class_subset(batch4_run, pipeline_dir, tmp_path):
-    # Through the installed command (`python -m rar_hf` is what `accelerate launch -m rar_hf` runs).
-    run_sampler(pipeline_dir, tmp_path / "subset", "--class_labels", "2", "--batch_size", "2", entry=("-m", "rar_hf", "sample"))
+    run_sampler(pipeline_dir, tmp_path / "subset", "--class_labels", "2", "--batch_size", "2")
     subset, full = read_images(tmp_path / "subset"), read_images(batch4_run[0])
     assert sorted(subset) == ["0002_000.png", "0002_001.png"]
     for name, image in subset.items():  # the same images as in the full run
@@ -135,19 +139,18 @@ def _snapshot(output_dir):
     return {p.relative_to(output_dir).as_posix(): p.stat().st_mtime_ns for p in sorted(output_dir.rglob("*"))}
 
 
-def test_rerun_with_other_settings_is_refused_naming_them(batch4_run, pipeline_dir):
+def test_rerun_with_other_settings_is_refused_naming_them(batch4_run, pipeline_dir, capsys):
     output_dir, _ = batch4_run
-    before = _snapshot(output_dir)
     # Images do not depend on the batch size: another batch size is the same run, resumed.
-    assert "6 of 6 images already exist, generating 0" in run_sampler(pipeline_dir, output_dir, "--batch_size", "3")
+    assert "6 of 6 images already exist, generating 0" in run_sampler(pipeline_dir, output_dir, "--batch_size", "3", capsys=capsys)
     before = _snapshot(output_dir)
-    stderr = run_sampler(
-        pipeline_dir, output_dir, "--guidance_scale", "2.0", "--temperature", "0.9", "--class_labels", "0", "1",
-        expect_error=True,
-    )  # fmt: skip
-    # One error line (the loading progress bars aside), named for the script.
-    assert [line for line in stderr.splitlines() if "error" in line] == [stderr.strip().splitlines()[-1]], stderr
-    assert stderr.strip().splitlines()[-1].startswith("sample_imagenet.py: error: ")
+    with pytest.raises(SystemExit) as exit:
+        run_sampler(pipeline_dir, output_dir, "--guidance_scale", "2.0", "--temperature", "0.9", "--class_labels", "0", "1")
+    stderr = capsys.readouterr().err
+    # One error line (the loading progress bars aside), named for the command, exit status 2.
+    errors = [line for line in stderr.splitlines() if "error" in line]
+    assert exit.value.code == 2 and errors == [stderr.strip().splitlines()[-1]], stderr
+    assert errors[0].startswith("rar-hf sample: error: ")
     assert "guidance_scale (3.0 there, 2.0 now)" in stderr and "temperature (1.0 there, 0.9 now)" in stderr
     assert "class_labels (3 classes [0, 1, 2] there, 2 classes [0, 1] now)" in stderr
     assert "seed" not in stderr.split("refusing")[1]  # only what differs is named
@@ -162,7 +165,7 @@ def test_rerun_with_other_seed_count_or_weights_is_refused(batch4_run, pipeline_
 
     def run(model, *extra):
         args = ["--model", str(model), "--output_dir", str(output_dir), "--num_images_per_class", str(PER_CLASS)]
-        sample.main(sample.parse_args([*args, "--seed", "3", *extra]))
+        sample.main(command_parser(sample).parse_args([*args, "--seed", "3", *extra]))
 
     with pytest.raises(ValueError, match=r"seed \(3 there, 4 now\)"):
         run(pipeline_dir, "--seed", "4")
@@ -185,4 +188,4 @@ def test_images_without_fingerprint_are_not_resumed(pipeline_dir, tmp_path):
     (tmp_path / "images").mkdir()
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "images" / "0000_000.png")
     with pytest.raises(ValueError, match="holds sampled images but no sampling_fingerprint.json"):
-        sample.main(sample.parse_args(["--model", str(pipeline_dir), "--output_dir", str(tmp_path)]))
+        sample.main(command_parser(sample).parse_args(["--model", str(pipeline_dir), "--output_dir", str(tmp_path)]))

@@ -77,7 +77,7 @@ def assert_refused(result, *fragments):
     """A user error: exit status 2 and one line on stderr (no traceback) holding every fragment."""
     assert result.returncode == 2, result.stderr[-4000:]
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and "Traceback" not in result.stderr, result.stderr[-4000:]
+    assert last.startswith("train_rar.py: error: ") and "Traceback" not in result.stderr, result.stderr[-4000:]
     for fragment in fragments:
         assert fragment in last, last
 

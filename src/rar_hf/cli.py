@@ -6,15 +6,16 @@ r"""The `rar-hf` command: generate, sample, evaluate, convert.
         --inception_weights pt_inception-2015-12-05-6726825d.pth
     rar-hf convert --generator rar_xl.bin --tokenizer maskgit-vqgan-imagenet-f16-256.bin --output_dir rar-xl
 
-User errors (a bad flag, a missing or corrupted file, a value the model rejects) print one line on stderr and exit
-with status 1 (2 for flags argparse rejects); set RAR_HF_TRACEBACK=1 to see the traceback instead.
+Exit status, the same for every command (and the examples/ scripts): 0 when done; 2 when the input was refused (a bad
+flag, a missing, unwritable or corrupted file or folder, a value the model rejects), with one line
+`rar-hf COMMAND: error: ...` on stderr, checked before any compute where it can be; 1 for anything else (a bug: the
+traceback is shown). Set RAR_HF_TRACEBACK=1 to see the traceback of a refused input too.
 """
 
-import argparse
-import contextlib
 import importlib
-import os
 import sys
+
+from .arguments import ArgumentParser, command_parser, run_script
 
 # name -> (module, one-line help). Modules are imported only for the command that runs: `rar-hf --help` stays fast.
 COMMANDS = {
@@ -23,45 +24,6 @@ COMMANDS = {
     "evaluate": ("rar_hf.commands.evaluate", "FID, sFID, IS, precision and recall of samples against a reference."),
     "convert": ("rar_hf.convert", "Convert official RAR checkpoints into transformers/diffusers folders."),
 }
-
-
-class UserError(Exception):
-    """A mistake in what the user asked for (a flag, a file, a folder): reported as one line, never a traceback."""
-
-
-USER_ERRORS = (UserError, ValueError, TypeError, KeyError, OSError)
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse with a one-line error: `prog: error: message (see prog --help)`."""
-
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
-        super().__init__(*args, **kwargs)
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def one_line(error: BaseException) -> str:
-    text = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
-    text = " ".join(part.strip() for part in str(text).splitlines() if part.strip())
-    return text or type(error).__name__
-
-
-@contextlib.contextmanager
-def user_errors(prog: str):
-    """Turn a user error raised inside the block into `prog: error: ...` on stderr and exit status 1."""
-    try:
-        yield
-    except USER_ERRORS as error:
-        if os.environ.get("RAR_HF_TRACEBACK"):
-            raise
-        # Under `accelerate launch` every process reports: the rank says which one.
-        rank = os.environ.get("RANK")
-        where = f" [rank {rank}]" if rank not in (None, "0") else ""
-        print(f"{prog}{where}: error: {one_line(error)}", file=sys.stderr, flush=True)
-        sys.exit(1)
 
 
 def main(argv=None):
@@ -76,34 +38,18 @@ def main(argv=None):
     for name, (module_name, help_text) in COMMANDS.items():
         if name == command:
             modules[name] = module = importlib.import_module(module_name)
-            sub = subparsers.add_parser(name, help=help_text, description=module.__doc__)
-            module.add_arguments(sub)
+            module.add_arguments(subparsers.add_parser(name, help=help_text, description=module.__doc__))
         else:
             subparsers.add_parser(name, help=help_text, description=help_text, add_help=False)
     args = parser.parse_args(argv)
-    run(modules[args.command], args, prog=f"rar-hf {args.command}")
-
-
-def run(module, args, prog: str):
-    with user_errors(prog):
-        if hasattr(module, "check_args"):
-            module.check_args(args)
-        module.main(args)
-
-
-def run_script(module, argv=None, prog: str | None = None):
-    """What an examples/ script runs: the same command, parsed by a parser of its own."""
-    parser = ArgumentParser(prog=prog, description=module.__doc__)
-    module.add_arguments(parser)
-    args = parser.parse_args(argv)
-    run(module, args, parser.prog)
+    # Nothing is returned: the console script passes main()'s result to sys.exit.
+    run_script(modules[args.command].main, args, prog=f"rar-hf {args.command}")
 
 
 def convert_main(argv=None):
     """`rar-hf-convert`, kept as an alias of `rar-hf convert`."""
-    from . import convert
-
-    run_script(convert, argv, prog="rar-hf-convert")
+    convert = importlib.import_module("rar_hf.convert")
+    run_script(convert.main, command_parser(convert, prog="rar-hf-convert").parse_args(argv), "rar-hf-convert")
 
 
 if __name__ == "__main__":

@@ -8,16 +8,26 @@ With `--generator` alone the output is a `RARForImageGeneration` folder; with `-
 `RARPipeline` folder (transformer/, vqvae/, model_index.json, ImageNet labels, sampling defaults and a model card;
 a README.md of your own already in the folder is kept, only its metadata is completed). `python -m rar_hf.convert`
 is the same command.
+
+In Python, the one way to load an official checkpoint of either model (a path, or a state dict already loaded):
+
+    from rar_hf.convert import maskgit_vqgan_from_official_checkpoint, rar_from_official_checkpoint
+    transformer = rar_from_official_checkpoint("rar_xl.bin")
+    vqvae = maskgit_vqgan_from_official_checkpoint("maskgit-vqgan-imagenet-f16-256.bin")
 """
 
 import argparse
 import re
+import sys
 from pathlib import Path
 
 import torch
 
+from .arguments import check_writable, command_parser, run_script
 from .configuration_rar import RAR_SAMPLING_DEFAULTS, RARConfig, match_preset
+from .modeling_maskgit_vqgan import MaskGITVQModel
 from .modeling_rar import RARForImageGeneration
+from .weights import load_state_dict_file
 
 # Official key -> our key; `{i}` is a block index.
 _RAR_KEY_MAP = {
@@ -52,27 +62,6 @@ def _compile_key_map():
 
 
 _RAR_KEY_PATTERNS = _compile_key_map()
-
-
-def load_official_state_dict(path) -> dict:
-    """Load an official `.bin` (`torch.load(weights_only=True)`) or `.safetensors` state dict, with clear errors."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Checkpoint file not found: {path}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state_dict = load_file(str(path))
-        else:
-            state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for truncated or foreign files
-        raise ValueError(
-            f"{path} is not a readable PyTorch checkpoint (truncated, corrupted or not a state dict): {error}"
-        ) from error
-    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
-        raise ValueError(f"{path} does not hold a state dict of tensors (got {type(state_dict).__name__}).")
-    return state_dict
 
 
 def _shape_of(state_dict, key):
@@ -135,19 +124,24 @@ def convert_rar_state_dict(state_dict: dict) -> tuple[dict, dict]:
 
     with torch.device("meta"):
         expected = RARForImageGeneration(RARConfig(**config_kwargs)).state_dict()
-    missing = [k for k in expected if k not in converted]
+    _check_keys(converted, expected, unexpected, f"the RAR architecture inferred from its shapes ({config_kwargs})")
+    return config_kwargs, converted
+
+
+def _check_keys(state_dict: dict, expected: dict, unexpected: list, layout: str) -> None:
+    """Raise a `ValueError` listing every missing, unexpected and mis-shaped key of `state_dict` (against `expected`)."""
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = unexpected + [k for k in state_dict if k not in expected]
     mis_shaped = [
         f"{k}: checkpoint {tuple(v.shape)} vs expected {tuple(expected[k].shape)}"
-        for k, v in converted.items()
+        for k, v in state_dict.items()
         if k in expected and v.shape != expected[k].shape
     ]
-    unexpected += [k for k in converted if k not in expected]
     if missing or unexpected or mis_shaped:
         raise ValueError(
-            "The checkpoint does not match the RAR architecture inferred from its shapes "
-            f"({config_kwargs}):\n  missing: {missing}\n  unexpected: {unexpected}\n  mis-shaped: {mis_shaped}"
+            f"The checkpoint does not match {layout}:\n  missing: {missing}\n  unexpected: {unexpected}\n"
+            f"  mis-shaped: {mis_shaped}"
         )
-    return config_kwargs, converted
 
 
 def rar_from_official_checkpoint(checkpoint, **config_overrides) -> RARForImageGeneration:
@@ -156,10 +150,63 @@ def rar_from_official_checkpoint(checkpoint, **config_overrides) -> RARForImageG
     The whole config is inferred from the tensor shapes; keyword arguments override config fields (e.g. sampling
     settings). Missing, unexpected or mis-shaped keys raise a `ValueError` that lists them.
     """
-    state_dict = load_official_state_dict(checkpoint) if isinstance(checkpoint, (str, Path)) else checkpoint
+    state_dict = _read(checkpoint, "official RAR generator checkpoint")
     config_kwargs, converted = convert_rar_state_dict(state_dict)
     model = RARForImageGeneration(RARConfig(**{**config_kwargs, **config_overrides}))
     model.load_state_dict(converted, strict=True)
+    return model.eval()
+
+
+def _read(checkpoint, what: str) -> dict:
+    return load_state_dict_file(checkpoint, what) if isinstance(checkpoint, (str, Path)) else checkpoint
+
+
+def infer_maskgit_vqgan_config(state_dict: dict) -> dict:
+    """MaskGITVQModel config entries (widths, levels, blocks, codebook) from the shapes of an official state dict."""
+    required = ("encoder.conv_in.weight", "encoder.conv_out.weight", "decoder.conv_out.weight", "quantize.embedding.weight")
+    missing = [key for key in required if key not in state_dict]
+    if missing:
+        raise ValueError(
+            f"Not an official MaskGIT-VQGAN checkpoint: it lacks {missing} "
+            f"(found {len(state_dict)} keys, e.g. {sorted(state_dict)[:5]})."
+        )
+    conv_in = state_dict["encoder.conv_in.weight"]
+    # Keys look like encoder.down.{level}.block.{block}.conv1.weight; level widths give channel_mult.
+    parts = [key.split(".") for key in state_dict if key.startswith("encoder.down.")]
+    levels = sorted({int(p[2]) for p in parts if p[2].isdigit()})
+    blocks = {p[4] for p in parts if p[2] == "0" and len(p) > 4 and p[3] == "block"}
+    level_convs = [f"encoder.down.{i}.block.0.conv1.weight" for i in levels]
+    missing = [key for key in level_convs if key not in state_dict]
+    if missing:
+        raise ValueError(f"Cannot infer channel_mult: the MaskGIT-VQGAN checkpoint lacks {missing}.")
+    return {
+        "in_channels": conv_in.shape[1],
+        "out_channels": state_dict["decoder.conv_out.weight"].shape[0],
+        "hidden_channels": conv_in.shape[0],
+        "channel_mult": [state_dict[key].shape[0] // conv_in.shape[0] for key in level_convs],
+        "num_res_blocks": len(blocks),
+        "latent_channels": state_dict["encoder.conv_out.weight"].shape[0],
+        "codebook_size": state_dict["quantize.embedding.weight"].shape[0],
+    }
+
+
+def maskgit_vqgan_from_official_checkpoint(checkpoint, **config_overrides) -> MaskGITVQModel:
+    """Build a `MaskGITVQModel` from an official MaskGIT-VQGAN state dict (e.g. `maskgit-vqgan-imagenet-f16-256.bin`)
+    or a path to one.
+
+    Parameter names equal the official keys (a `module.` prefix from DataParallel/DDP is stripped); the config is
+    inferred from the shapes, and keyword arguments set what shapes cannot tell (e.g. `sample_size`,
+    `norm_num_groups`). Missing, unexpected or mis-shaped keys raise a `ValueError` that lists them.
+    """
+    state_dict = _read(checkpoint, "official MaskGIT-VQGAN checkpoint")
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise ValueError("the checkpoint must be a state dict mapping parameter names to tensors")
+    if state_dict and all(key.startswith("module.") for key in state_dict):
+        state_dict = {key.removeprefix("module."): value for key, value in state_dict.items()}
+    config = {**infer_maskgit_vqgan_config(state_dict), **config_overrides}
+    model = MaskGITVQModel(**config)
+    _check_keys(state_dict, model.state_dict(), [], f"the MaskGIT-VQGAN layout inferred from its shapes ({config})")
+    model.load_state_dict(state_dict, strict=True)
     return model.eval()
 
 
@@ -178,12 +225,6 @@ def add_arguments(parser):
     )
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    return parser.parse_args(argv)
-
-
 def push_folder_to_hub(folder, repo_id: str, private: bool = False, commit_message: str = "Upload RAR") -> str:
     """Create the Hub repo if needed and upload `folder` with huggingface_hub; returns the commit URL."""
     from huggingface_hub import create_repo, upload_folder
@@ -192,26 +233,29 @@ def push_folder_to_hub(folder, repo_id: str, private: bool = False, commit_messa
     return upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message)
 
 
-def main(argv=None):
-    """Run the converter on command-line arguments (a list) or parsed ones (an `argparse.Namespace`)."""
-    args = argv if isinstance(argv, argparse.Namespace) else parse_args(argv)
+def main(args=None):
+    """Run the converter on parsed arguments (an `argparse.Namespace`) or a list of command-line arguments."""
+    if not isinstance(args, argparse.Namespace):
+        args = command_parser(sys.modules[__name__]).parse_args(args)
     output_dir = Path(args.output_dir)
-    if output_dir.exists() and not output_dir.is_dir():  # save_pretrained would only log this and write nothing
-        raise FileExistsError(f"--output_dir {output_dir} is an existing file, expected a folder (new or existing)")
-    transformer = rar_from_official_checkpoint(args.generator)
+    # Every file and folder is checked before anything is converted or written.
+    check_writable(output_dir, "--output_dir", folder=True)
+    generator = load_state_dict_file(args.generator, "official RAR generator checkpoint (--generator)")
+    tokenizer = None
+    if args.tokenizer is not None:
+        tokenizer = load_state_dict_file(args.tokenizer, "official MaskGIT-VQGAN checkpoint (--tokenizer)")
+
+    transformer = rar_from_official_checkpoint(generator)
     if args.fold_target_aware_position_embedding:
         transformer.fold_target_aware_position_embedding()
-    if args.tokenizer is None:
+    if tokenizer is None:
         transformer.save_pretrained(output_dir)
     else:
-        from .modeling_maskgit_vqgan import MaskGITVQModel
+        from .model_card import write_model_card
         from .pipeline_rar import RARPipeline
 
-        vqvae = MaskGITVQModel.from_official_checkpoint(args.tokenizer)
-        pipeline = RARPipeline(transformer=transformer, vqvae=vqvae)
+        pipeline = RARPipeline(transformer=transformer, vqvae=maskgit_vqgan_from_official_checkpoint(tokenizer))
         pipeline.save_pretrained(output_dir)
-        from .model_card import write_model_card
-
         write_model_card(output_dir, transformer.config, repo_id=args.push_to_hub)
     print(f"Wrote {output_dir}")
     if args.push_to_hub:
@@ -220,8 +264,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    import sys
-
-    from .cli import run_script
-
-    run_script(sys.modules[__name__], prog="python -m rar_hf.convert")
+    prog = "python -m rar_hf.convert"
+    run_script(main, command_parser(sys.modules[__name__], prog=prog).parse_args(), prog)

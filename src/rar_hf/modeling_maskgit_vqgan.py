@@ -1,14 +1,14 @@
 """MaskGIT-VQGAN image tokenizer (the pixel tokenizer used by RAR and MaskGIT) as a diffusers model.
 
 Parameter names equal the keys of the official state dict (bytedance/1d-tokenizer, itself a port of
-huggingface/open-muse `modeling_maskgit_vqgan.py`), so an official checkpoint loads strictly, and every
+huggingface/open-muse `modeling_maskgit_vqgan.py`), so an official checkpoint loads strictly (with
+`rar_hf.convert.maskgit_vqgan_from_official_checkpoint`, which infers the config from its shapes), and every
 quirk of the official network is kept: bias-free residual convolutions, a 1x1 shortcut applied to the
 block output instead of its input, 2x2 average-pool downsampling, images in [0, 1] used without
 normalisation, and a decoder output clamped to [0, 1].
 """
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -390,77 +390,3 @@ class MaskGITVQModel(ModelMixin, ConfigMixin):
         if not return_dict:
             return sample, indices, quantizer_loss, codebook_loss, commitment_loss
         return MaskGITVQModelOutput(sample, indices, quantizer_loss, codebook_loss, commitment_loss)
-
-    @classmethod
-    def from_official_checkpoint(cls, checkpoint: str | os.PathLike | dict, **config_overrides) -> "MaskGITVQModel":
-        """
-        Builds a model from an official MaskGIT-VQGAN state dict, inferring the config from the tensor shapes.
-
-        Args:
-            checkpoint (`str`, `os.PathLike` or `dict`): path to an official `.bin` file, or the state dict itself.
-            config_overrides: config entries that shapes cannot tell (e.g. `sample_size`, `norm_num_groups`).
-
-        Returns:
-            [`MaskGITVQModel`] in eval mode with the checkpoint's weights.
-
-        Raises:
-            FileNotFoundError: the file does not exist.
-            ValueError: the file is not a valid PyTorch checkpoint, or its keys/shapes do not match the model.
-        """
-        if isinstance(checkpoint, (str, os.PathLike)):
-            path = os.fspath(checkpoint)
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"MaskGIT-VQGAN checkpoint not found: {path}")
-            try:
-                state_dict = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as err:  # truncated zip, bad pickle, non-tensor payload, ...
-                raise ValueError(f"{path} is not a valid PyTorch checkpoint: {err}") from err
-        else:
-            state_dict = checkpoint
-        if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
-            raise ValueError("the checkpoint must be a state dict mapping parameter names to tensors")
-        if state_dict and all(key.startswith("module.") for key in state_dict):  # saved from DataParallel/DDP
-            state_dict = {key[len("module.") :]: value for key, value in state_dict.items()}
-
-        required = (
-            "encoder.conv_in.weight",
-            "encoder.conv_out.weight",
-            "decoder.conv_out.weight",
-            "quantize.embedding.weight",
-        )
-        missing = [key for key in required if key not in state_dict]
-        if missing:
-            raise ValueError(f"cannot infer the config, the checkpoint lacks {missing}")
-        conv_in = state_dict["encoder.conv_in.weight"]
-        # Keys look like encoder.down.{level}.block.{block}.conv1.weight; level widths give channel_mult.
-        parts = [key.split(".") for key in state_dict if key.startswith("encoder.down.")]
-        levels = sorted({int(p[2]) for p in parts if p[2].isdigit()})
-        blocks = {p[4] for p in parts if p[2] == "0" and len(p) > 4 and p[3] == "block"}
-        level_convs = [f"encoder.down.{i}.block.0.conv1.weight" for i in levels]
-        missing = [key for key in level_convs if key not in state_dict]
-        if missing:
-            raise ValueError(f"cannot infer channel_mult, the checkpoint lacks {missing}")
-        channel_mult = [state_dict[key].shape[0] // conv_in.shape[0] for key in level_convs]
-        config = {
-            "in_channels": conv_in.shape[1],
-            "out_channels": state_dict["decoder.conv_out.weight"].shape[0],
-            "hidden_channels": conv_in.shape[0],
-            "channel_mult": channel_mult,
-            "num_res_blocks": len(blocks),
-            "latent_channels": state_dict["encoder.conv_out.weight"].shape[0],
-            "codebook_size": state_dict["quantize.embedding.weight"].shape[0],
-        }
-        model = cls(**{**config, **config_overrides})
-
-        expected = model.state_dict()
-        problems = [f"missing key {key}" for key in expected if key not in state_dict]
-        problems += [f"unexpected key {key}" for key in state_dict if key not in expected]
-        problems += [
-            f"shape mismatch for {key}: checkpoint {tuple(state_dict[key].shape)}, model {tuple(value.shape)}"
-            for key, value in expected.items()
-            if key in state_dict and state_dict[key].shape != value.shape
-        ]
-        if problems:
-            raise ValueError("the checkpoint does not match the MaskGIT-VQGAN layout:\n  " + "\n  ".join(problems))
-        model.load_state_dict(state_dict, strict=True)
-        return model.eval()

@@ -13,11 +13,13 @@ import random
 import re
 import shutil
 import signal
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from .arguments import UserError
+from .weights import torch_load_weights_only
 
 logger = logging.getLogger(__name__)
 
@@ -27,17 +29,9 @@ LOCK_NAME = ".rar_hf_run.lock"
 KILL_HOOK_ENV = "RAR_HF_TEST_KILL_DURING_SAVE"
 
 
-class UserInputError(ValueError):
-    """A mistake in what the user handed a script (flag, folder, file): reported in one line, without a traceback."""
-
-
-def run_script(main, args) -> None:
-    """Run a script's `main(args)`, turning a `UserInputError` into one line on stderr and exit status 2."""
-    try:
-        main(args)
-    except UserInputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+# A mistake in what the user handed a script (flag, folder, file): one line, no traceback, exit status 2 under
+# `rar_hf.arguments.run_script`, which every script runs its `main` with.
+UserInputError = UserError
 
 
 def describe_load_error(error: BaseException) -> str:
@@ -285,8 +279,7 @@ def _load_weights_only(path: Path):
     # build data, not code.
     from accelerate.utils.other import TORCH_SAFE_GLOBALS
 
-    with torch.serialization.safe_globals(TORCH_SAFE_GLOBALS):
-        return torch.load(path, map_location="cpu", weights_only=True)
+    return torch_load_weights_only(path, TORCH_SAFE_GLOBALS)
 
 
 def _check_checkpoint_file(path: Path) -> str | None:

@@ -8,28 +8,41 @@ r"""Generate class-conditional samples with a RARPipeline: a labelled grid (one 
     rar-hf generate --model org/rar-xl --class_labels 207 "tabby cat" --device cuda --output_dir samples/
 
 Class labels are ids (`207`), names (`"white shark"`, any comma-separated synonym of the model's `id2label`) or
-`none` / `-1` for unconditional samples. The grid's cells are upscaled (nearest neighbour) to at least 64 pixels and
-each row is labelled with its class name.
+`none` / `unconditional` / `-1` for unconditional samples: each is looked up by the pipeline's `get_label_ids`, as in
+Python. The grid's cells are upscaled (nearest neighbour) to at least 64 pixels and each row is labelled with its
+class name.
+
+Speculative decoding (the same images in distribution, fewer forward passes; see README "Speculative decoding"):
+
+    rar-hf generate --jacobi_window 8
+    rar-hf generate --model org/rar-xl --assistant_model org/rar-b --num_assistant_tokens 4 --device cuda
+    rar-hf generate --jacobi_window 8 --acceptance relaxed --relax 2   # faster, no longer exact
+
+The options reach the pipeline call under the same names (`pipe(..., jacobi_window=8)`).
 """
 
+import re
 from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from ._loading import finite_float, load_pipeline, positive_int
+from ..arguments import UserError, check_writable, finite_float, positive_int
+from ._loading import load_pipeline, load_transformer
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "pretrained" / "tiny-digits"
 # A few ImageNet classes that read well in a grid: golden retriever, otter, lesser panda, geyser.
 IMAGENET_SHOWCASE = [207, 360, 387, 974]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-UNCONDITIONAL = ("none", "-1")
+# The pipeline call's speculative options, under the same names as the flags.
+SPECULATIVE_OPTIONS = ("jacobi_window", "assistant_model", "num_assistant_tokens", "acceptance", "relax")
 MIN_CELL = 64
 GAP = 4
 
 
 def add_arguments(parser):
     from ..generation_rar import GUIDANCE_SCHEDULES
+    from ..speculative_rar import ACCEPTANCE_RULES
 
     parser.add_argument(
         "--model",
@@ -40,8 +53,8 @@ def add_arguments(parser):
         "--class_labels",
         nargs="+",
         default=None,
-        help="Class ids or names (quote names with spaces); `none` or `-1` for unconditional samples. Default: every "
-        "class if the model has at most 10, else a few.",
+        help="Class ids or names (quote names with spaces); `none`, `unconditional` or `-1` for unconditional samples. "
+        "Default: every class if the model has at most 10, else a few.",
     )
     parser.add_argument(
         "--num_images_per_prompt",
@@ -73,33 +86,55 @@ def add_arguments(parser):
     parser.add_argument(
         "--output_dir", default=None, help="Also write every image as its own PNG here: {row}_{class}_{index}.png."
     )
+    speculative = parser.add_argument_group("speculative decoding (passed to the pipeline call under the same names)")
+    speculative.add_argument(
+        "--jacobi_window", type=positive_int, default=None, help="Speculative Jacobi decoding guessing this many tokens "
+        "per forward pass (training-free, exact)."
+    )
+    speculative.add_argument(
+        "--assistant_model", default=None, help="A smaller RAR that drafts tokens (exact speculative sampling): a "
+        "RARForImageGeneration folder, a RARPipeline folder (its transformer/ is used) or a Hub id. It must share the "
+        "model's codebook and classes."
+    )
+    speculative.add_argument(
+        "--num_assistant_tokens", type=positive_int, default=None, help="Tokens the assistant drafts per round "
+        "(default: the pipeline's, 4)."
+    )
+    speculative.add_argument(
+        "--acceptance", default=None, choices=ACCEPTANCE_RULES, help="How drafts are accepted: lossless (the default: "
+        "the images follow the model's distribution exactly) or relaxed (more drafts kept, faster, not exact)."
+    )
+    speculative.add_argument(
+        "--relax", type=finite_float, default=None, help="With --acceptance relaxed: accept drafts this many times more "
+        "readily (>= 1; default: the pipeline's, 2)."
+    )
 
 
 def check_args(args):
+    """Every flag and path check that needs no model: run before anything is loaded or generated."""
     if args.output_path is None and args.output_dir is None:
         args.output_path = "outputs/samples.png"
-    for flag in ("output_path", "output_dir"):
-        value = getattr(args, flag)
-        if value is None:
-            continue
-        path = Path(value)
-        if flag == "output_dir" and path.exists() and not path.is_dir():
-            raise ValueError(f"--output_dir {value} is a file, expected a folder")
-        if flag == "output_path" and path.is_dir():
-            raise ValueError(f"--output_path {value} is a folder, expected a .png file path")
+    if args.output_path is not None:
+        check_writable(args.output_path, "--output_path")
+    if args.output_dir is not None:
+        check_writable(args.output_dir, "--output_dir", folder=True)
+    if args.jacobi_window is not None and args.assistant_model is not None:
+        raise UserError("--jacobi_window and --assistant_model are two kinds of speculative decoding: pass one")
+    if args.num_assistant_tokens is not None and args.assistant_model is None:
+        raise UserError("--num_assistant_tokens needs --assistant_model (the model that drafts them)")
+    if args.jacobi_window is None and args.assistant_model is None:
+        for flag in ("acceptance", "relax"):
+            if getattr(args, flag) is not None:
+                raise UserError(f"--{flag} applies to speculative decoding: add --jacobi_window or --assistant_model")
+    if args.relax is not None and args.acceptance != "relaxed":
+        raise UserError("--relax applies to --acceptance relaxed only (lossless acceptance has no relax factor)")
+    if args.relax is not None and args.relax < 1:
+        raise UserError(f"--relax must be >= 1 (1 is the lossless rule), got {args.relax}")
 
 
-def parse_labels(labels: list[str]) -> list:
-    """Command-line strings -> pipeline labels: digits are ids, `none`/`-1` unconditional, anything else a name."""
-    parsed = []
-    for label in labels:
-        if label.strip().lower() in UNCONDITIONAL:
-            parsed.append(None)
-        elif label.lstrip("-").isdigit():
-            parsed.append(int(label))  # a negative id other than -1 is range-checked (and rejected) by the pipeline
-        else:
-            parsed.append(label)
-    return parsed
+def label_values(labels: list[str]) -> list[int | str]:
+    """Command-line strings as `get_label_ids` takes them in Python: integers as ints, anything else as the string."""
+    return [int(label) if re.fullmatch(r"\s*-?\d+\s*", label) else label for label in labels]
 
 
 def default_labels(num_classes: int) -> list[int]:
@@ -140,14 +175,19 @@ def main(args):
     model = args.model
     if model is None:
         if not DEFAULT_MODEL.is_dir():
-            raise ValueError(
+            raise UserError(
                 f"the default tiny-digits pipeline is not in this installation (expected {DEFAULT_MODEL}); "
                 "pass --model <Hub repo id or pipeline folder>"
             )
         model = str(DEFAULT_MODEL)
     pipe = load_pipeline(model, dtype=DTYPES[args.dtype]).to(args.device)
+    speculative = {name: getattr(args, name) for name in SPECULATIVE_OPTIONS if getattr(args, name) is not None}
+    if args.assistant_model is not None:
+        speculative["assistant_model"] = load_transformer(
+            args.assistant_model, "--assistant_model", dtype=DTYPES[args.dtype]
+        ).to(args.device)
 
-    labels = parse_labels(args.class_labels) if args.class_labels else default_labels(pipe.transformer.config.num_classes)
+    labels = label_values(args.class_labels) if args.class_labels else default_labels(pipe.transformer.config.num_classes)
     class_ids = pipe.get_label_ids(labels)  # resolved before sampling, so a typo fails fast, with suggestions
     print("classes:", ", ".join(f"{i} ({row_name(pipe, i)})" if i is not None else "unconditional" for i in class_ids))
 
@@ -162,6 +202,7 @@ def main(args):
         top_k=args.top_k,
         top_p=args.top_p,
         generator=generator,
+        **speculative,
     ).images
 
     n = args.num_images_per_label
@@ -179,10 +220,3 @@ def main(args):
         labelled_grid(rows, [row_name(pipe, i) for i in class_ids]).save(output_path)
         print(output_path)
 
-
-def parse_args(argv=None):
-    from ..cli import ArgumentParser
-
-    parser = ArgumentParser(description=__doc__)
-    add_arguments(parser)
-    return parser.parse_args(argv)

@@ -33,7 +33,9 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ._loading import finite_float, load_pipeline, positive_int
+from ..arguments import check_writable, finite_float, positive_int
+from ..weights import weights_sha256
+from ._loading import load_pipeline
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FINGERPRINT_FILE = "sampling_fingerprint.json"
@@ -60,14 +62,6 @@ def add_arguments(p):
                    help="How [0, 1] pixels become uint8 (official RAR: truncate).")
 
 
-def parse_args(argv=None):
-    from ..cli import ArgumentParser
-
-    parser = ArgumentParser(description=__doc__)
-    add_arguments(parser)
-    return parser.parse_args(argv)
-
-
 def image_seed(seed: int, class_id: int, index: int) -> int:
     """A 63-bit seed that is a pure function of (seed, class, index); hashing keeps nearby triples apart."""
     digest = hashlib.blake2b(f"rar-sample-imagenet/{seed}/{class_id}/{index}".encode(), digest_size=8).digest()
@@ -92,16 +86,6 @@ def save_png(array: np.ndarray, path: Path) -> None:
 def config_sha256(config) -> str:
     config = {k: v for k, v in dict(config).items() if k not in _CONFIG_BOOKKEEPING}
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def weights_sha256(module: torch.nn.Module) -> str:
-    """A hash of every tensor (name, dtype, shape, bytes) of `module`: the same weights wherever they were loaded from."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        tensor = tensor.detach().to("cpu").contiguous()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def sampling_fingerprint(pipe, settings: dict, args, classes: list[int], device: torch.device) -> dict:
@@ -167,8 +151,7 @@ def main(args):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     output_dir = Path(args.output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise ValueError(f"--output_dir {output_dir} is a file, expected a folder")
+    check_writable(output_dir, "--output_dir", folder=True)
 
     pipe = load_pipeline(args.model)
     config = pipe.transformer.config

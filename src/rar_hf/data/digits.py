@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 import datasets
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+from ..arguments import check_writable, command_parser, positive_int, run_script
 
 DIGITS_MAX_VALUE = 16  # load_digits pixels are counts of set pixels in 4x4 blocks: 0..16
 LABEL_NAMES = [str(digit) for digit in range(10)]
@@ -106,21 +109,24 @@ def build_digits_dataset(
     return datasets.load_dataset(os.fspath(output_dir), cache_dir=cache_dir)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Write scikit-learn's digits as a parquet image dataset.")
+def add_arguments(parser) -> None:
     parser.add_argument("--output_dir", required=True, help="Folder to write data/{train,test}-*.parquet into.")
-    parser.add_argument("--image_size", type=int, default=32, help="Side of the square RGB images.")
+    parser.add_argument("--image_size", type=positive_int, default=32, help="Side of the square RGB images (>= 8).")
     parser.add_argument("--test_size", type=float, default=0.2, help="Held-out fraction, stratified by class.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the train/test split.")
-    return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+def main(args) -> None:
+    """Write the digits (``args`` from :func:`add_arguments`, or a list of command-line arguments)."""
+    if not isinstance(args, argparse.Namespace):
+        args = command_parser(sys.modules[__name__], prog=PROG).parse_args(args)
+    check_writable(args.output_dir, "--output_dir", folder=True)
     dataset = build_digits_dataset(args.output_dir, args.image_size, args.test_size, args.seed)
     sizes = ", ".join(f"{split}: {len(ds)}" for split, ds in dataset.items())
     print(f"wrote {args.image_size}x{args.image_size} digits to {args.output_dir} ({sizes})")
 
 
+PROG = "python -m rar_hf.data.digits"
+
 if __name__ == "__main__":
-    main()
+    run_script(main, command_parser(sys.modules[__name__], prog=PROG).parse_args(), PROG)

@@ -30,21 +30,29 @@ torchvision's ``Inception3`` without ``AuxLogits``: ``Conv2d_1a_3x3.conv.weight`
 ``<scope>/conv2d_params`` -> ``.conv.weight`` (HWIO -> OIHW), ``<scope>/batchnorm/{gamma,beta,moving_mean,
 moving_variance}`` -> ``.bn.{weight,bias,running_mean,running_var}``, ``softmax/{weights,biases}`` -> ``fc``.
 A ``.safetensors`` file with the same keys also loads.
+
+Offline use: put ``pt_inception-2015-12-05-6726825d.pth`` in torch.hub's checkpoint folder
+(:func:`cached_weights_path`, ``$TORCH_HOME/hub/checkpoints/``, by default ``~/.cache/torch/hub/checkpoints/``), where
+``from_pretrained()`` finds it without a path and ``download=True`` would have saved it; or pass its path.
 """
 
 from __future__ import annotations
 
 import os
-import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..weights import load_state_dict_file
+
 PYTORCH_FID_WEIGHTS_URL = (
     "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
 )
+WEIGHTS_FILENAME = PYTORCH_FID_WEIGHTS_URL.rsplit("/", 1)[-1]
+WEIGHTS_WHAT = "FID Inception weights file"
 INPUT_SIZE = 299
 SPATIAL_CHANNELS = 7
 
@@ -270,27 +278,31 @@ class FIDInceptionV3(nn.Module):
         Args:
             path: a local ``.pth`` (e.g. pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth``, read with
                 ``torch.load(weights_only=True)``) or ``.safetensors`` file with the keys described in the
-                module docstring.
-            download: when ``path`` is None, fetch :data:`PYTORCH_FID_WEIGHTS_URL` through ``torch.hub``
-                (cached under ``$TORCH_HOME/hub/checkpoints``). Nothing is downloaded unless this is True.
+                module docstring. Default: the file at :func:`cached_weights_path`, when it is there.
+            download: when ``path`` is None and the file is not at :func:`cached_weights_path`, download
+                :data:`PYTORCH_FID_WEIGHTS_URL` there. Nothing is downloaded unless this is True.
         """
-        if path is not None:
-            state_dict = _load_state_dict(path)
-        elif download:
-            try:
-                state_dict = torch.hub.load_state_dict_from_url(
-                    PYTORCH_FID_WEIGHTS_URL, map_location="cpu", weights_only=True
+        cached = cached_weights_path()
+        if path is None and not cached.is_file():
+            if not download:
+                raise FileNotFoundError(
+                    f"no FID Inception weights: put {WEIGHTS_FILENAME} (from {PYTORCH_FID_WEIGHTS_URL}) in "
+                    f"{cached.parent} for offline use, pass its path, or allow the download (download=True)"
                 )
+            try:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                torch.hub.download_url_to_file(PYTORCH_FID_WEIGHTS_URL, str(cached))
             except OSError as error:  # URLError, no route, DNS: offline
                 raise OSError(
                     f"could not download the FID Inception weights from {PYTORCH_FID_WEIGHTS_URL} (offline?): "
-                    f"{error}; download them elsewhere and pass their path instead"
+                    f"{error}; download them elsewhere and put them in {cached.parent} or pass their path"
                 ) from error
-        else:
-            raise ValueError(
-                "Pass the path of the FID Inception weights (pytorch-fid's pt_inception-2015-12-05-6726825d.pth, "
-                f"from {PYTORCH_FID_WEIGHTS_URL}) or download=True."
+        path = cached if path is None else path
+        if not os.path.exists(path):
+            raise FileNotFoundError(
+                f"FID Inception weights not found at {path}; get {WEIGHTS_FILENAME} from {PYTORCH_FID_WEIGHTS_URL}"
             )
+        state_dict = load_state_dict_file(path, WEIGHTS_WHAT)
         # Build without the random init (24M parameters), then fill every tensor from the file.
         with torch.device("meta"):
             model = cls()
@@ -302,7 +314,7 @@ class FIDInceptionV3(nn.Module):
         missing, unexpected = model.load_state_dict(state_dict, strict=False)
         if missing or unexpected:
             raise ValueError(
-                f"{path or PYTORCH_FID_WEIGHTS_URL} is not an FID Inception state dict: "
+                f"{path} is not an FID Inception state dict: "
                 f"missing keys {missing[:5]}{'...' if len(missing) > 5 else ''}, "
                 f"unexpected keys {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
             )
@@ -336,38 +348,7 @@ class FIDInceptionV3(nn.Module):
         return InceptionFeatures(pool=pool, spatial=spatial, logits=pool @ self.fc.weight.T)
 
 
-def _load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"FID Inception weights not found at {path}; get pt_inception-2015-12-05-6726825d.pth from "
-            f"{PYTORCH_FID_WEIGHTS_URL}"
-        )
-    try:
-        if str(path).endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            state_dict = load_file(path)
-        else:
-            # weights_only: a downloaded .pth cannot run code while it is read. A foreign file also draws a pickle
-            # protocol warning; the error below says what matters.
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="Detected pickle protocol")
-                state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch and safetensors raise several types for truncated or foreign files
-        raise ValueError(
-            f"{path} is not a readable FID Inception weights file (truncated, corrupted, or not a weights-only "
-            f"PyTorch/safetensors state dict): {_load_error_reason(error)}"
-        ) from error
-    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
-        raise ValueError(f"{path} does not hold a state dict of tensors (got {type(state_dict).__name__})")
-    return state_dict
-
-
-def _load_error_reason(error: Exception) -> str:
-    # torch's weights-only refusal is a page of advice (including a suggestion to retry with the full unpickler, which
-    # would run the file's code); keep the line that says what was refused.
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    if lines and lines[0].startswith("Weights only load failed"):
-        details = [line for line in lines[1:] if not line.startswith(("Please file an issue", "Check the documentation"))]
-        return "the weights-only loader refused it: " + " ".join(details or ["unsupported content"])
-    return lines[0] if lines else type(error).__name__
+def cached_weights_path() -> Path:
+    """Where the FID Inception weights are looked for without a path: torch.hub's checkpoint folder
+    (``$TORCH_HOME/hub/checkpoints/pt_inception-2015-12-05-6726825d.pth``)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / WEIGHTS_FILENAME
