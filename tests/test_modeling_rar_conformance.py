@@ -247,7 +247,6 @@ def test_token_counts_beyond_the_image_are_rejected_and_fewer_give_partial_seque
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"prompt_lookup_num_tokens": 3}, "prompt_lookup_num_tokens.*no text to look up"),
         ({"assistant_model": "not a model"}, "assistant_model must be a RARForImageGeneration"),
     ],
 )
