@@ -2,32 +2,44 @@
 
 import json
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-# Runs a script as on the GPU image, where neither diffusers nor PIL can be imported.
-WITHOUT_DIFFUSERS = (
-    "import runpy, sys\n"
-    "sys.modules['diffusers'] = sys.modules['PIL'] = None\n"
-    "script, sys.argv = sys.argv[1], sys.argv[1:]\n"
-    "runpy.run_path(script, run_name='__main__')\n"
-)
 
 
-def run(*args, without_diffusers=False, timeout=300):
-    prefix = [sys.executable, "-c", WITHOUT_DIFFUSERS] if without_diffusers else [sys.executable]
-    result = subprocess.run([*prefix, *map(str, args)], capture_output=True, text=True, env=ENV, cwd=REPO, timeout=timeout)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result.stdout
+@pytest.fixture
+def run(capsys, monkeypatch):
+    """Run a benchmark script in this process, as `python script args` would (its stdout is returned). With
+    `without_diffusers`, as on the GPU image, where neither diffusers nor PIL can be imported."""
+
+    def run_script(script, *args, without_diffusers=False):
+        monkeypatch.setattr(sys, "argv", [str(script), *map(str, args)])
+        monkeypatch.syspath_prepend(str(BENCH))
+        if without_diffusers:
+            for name in ("diffusers", "PIL"):
+                monkeypatch.setitem(sys.modules, name, None)
+        threads = torch.get_num_threads()
+        capsys.readouterr()
+        try:
+            runpy.run_path(str(script), run_name="__main__")
+        except SystemExit as exit:
+            assert exit.code in (0, None), capsys.readouterr()
+        finally:
+            torch.set_num_threads(threads)
+        return capsys.readouterr().out
+
+    return run_script
 
 
-def test_generate_with_baseline_and_check():
+def test_generate_with_baseline_and_check(run):
     out = run(BENCH / "generate.py", "--preset", "tiny", "--num_tokens", "4", "--baseline", "--check",
               "--repeats", "1", "--threads", "1")
     assert "check ok" in out
@@ -36,7 +48,7 @@ def test_generate_with_baseline_and_check():
     assert "speedup_vs_official=" in lines[0] and "tokens/s=" in lines[0] and "peak_mem=" in lines[0]
 
 
-def test_generate_json_static_cache_without_diffusers():
+def test_generate_json_static_cache_without_diffusers(run):
     out = run(BENCH / "generate.py", "--preset", "tiny", "--num_tokens", "3", "--cache", "static", "--dtype", "bfloat16",
               "--repeats", "1", "--threads", "1", "--json", without_diffusers=True)
     (record,) = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
@@ -44,18 +56,18 @@ def test_generate_json_static_cache_without_diffusers():
     assert record["extrapolated"] and record["tokens_per_s"] > 0 and record["peak_mem_bytes"] > 0
 
 
-def test_train_step():
+def test_train_step(run):
     out = run(BENCH / "train_step.py", "--preset", "tiny", "--steps", "1", "--threads", "1", without_diffusers=True)
     assert out.startswith("train_step preset=tiny") and "tokens/s=" in out
 
 
-def test_linear_kernels():
+def test_linear_kernels(run):
     out = run(BENCH / "linear_kernels.py", "--preset", "tiny", "--repeats", "1", "--threads", "1")
     assert out.startswith("tiny: 8 matmuls") and "F.linear" in out and "GB/s" in out
     assert "oneDNN prepacked" in out
 
 
-def test_step_profile_splits_a_step_against_the_bandwidth_floor():
+def test_step_profile_splits_a_step_against_the_bandwidth_floor(run):
     out = run(BENCH / "step_profile.py", "--preset", "tiny", "--num_tokens", "3", "--threads", "1", "--top", "3")
     lines = out.splitlines()
     split = {line.split()[0]: float(line.split()[1]) for line in lines if line.strip().split()[:1] in
@@ -65,7 +77,7 @@ def test_step_profile_splits_a_step_against_the_bandwidth_floor():
     assert any(line.strip().startswith("floor:") and "GB/s" in line for line in lines)
 
 
-def test_run_all_grids_build():
+def test_run_all_grids_build(run):
     out = run(BENCH / "run_all.py", "--grid", "gpu", "--dry-run")
     commands = out.strip().splitlines()
     assert len(commands) >= 10 and all("--json" in c for c in commands)

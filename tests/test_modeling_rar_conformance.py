@@ -247,7 +247,6 @@ def test_token_counts_beyond_the_image_are_rejected_and_fewer_give_partial_seque
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"prompt_lookup_num_tokens": 3}, "prompt_lookup_num_tokens.*no text to look up"),
         ({"assistant_model": "not a model"}, "assistant_model must be a RARForImageGeneration"),
     ],
 )
@@ -296,3 +295,75 @@ def test_compiled_decoding_never_recompiles(guidance_scale):
     assert torch.equal(model.generate(**kwargs), eager)
     assert counter.frame_count == 2
     torch._dynamo.reset()
+
+
+# ------------------------------------------------------------------------------------------------ generation config
+def test_generation_config_is_the_one_source_of_sampling_defaults_and_legacy_folders_load(tmp_path):
+    import json
+
+    model = tiny_model(sampling_defaults=dict(guidance_scale=3.0, guidance_scale_pow=1.0, temperature=0.9))
+    config = model.generation_config
+    assert (config.guidance_scale, config.guidance_scale_pow, config.guidance_schedule, config.temperature) == (
+        3.0, 1.0, "pow-cosine", 0.9
+    )  # fmt: skip
+    model.save_pretrained(tmp_path / "new")
+    assert "sampling_defaults" not in json.loads((tmp_path / "new" / "config.json").read_text())
+    saved = json.loads((tmp_path / "new" / "generation_config.json").read_text())
+    assert (saved["guidance_scale"], saved["guidance_scale_pow"], saved["temperature"]) == (3.0, 1.0, 0.9)
+    # generate() reads them: the saved defaults equal passing them explicitly, and a call's own value wins.
+    reloaded = RARForImageGeneration.from_pretrained(tmp_path / "new")
+    explicit = dict(guidance_scale=3.0, guidance_scale_pow=1.0, do_sample=False)
+    assert torch.equal(reloaded.generate(class_labels=[1], do_sample=False), model.generate(class_labels=[1], **explicit))
+    assert not torch.equal(
+        reloaded.generate(class_labels=[1], do_sample=False, guidance_scale=1.0), reloaded.generate(class_labels=[1], do_sample=False)
+    )
+    # A folder written before: sampling_defaults in config.json, an old generation_config.json without them.
+    old = tmp_path / "old"
+    model.save_pretrained(old)
+    config_json = json.loads((old / "config.json").read_text())
+    config_json["sampling_defaults"] = {"guidance_scale": 4.0, "guidance_scale_pow": 2.0, "temperature": 1.05}
+    (old / "config.json").write_text(json.dumps(config_json))
+    (old / "generation_config.json").write_text(json.dumps(
+        {"do_sample": True, "max_new_tokens": L, "min_new_tokens": L, "temperature": 1.05, "top_k": 0}
+    ))  # fmt: skip
+    legacy = RARForImageGeneration.from_pretrained(old)
+    config = legacy.generation_config
+    assert (config.guidance_scale, config.guidance_scale_pow, config.temperature) == (4.0, 2.0, 1.05)
+    assert config.max_new_tokens is None  # "a whole image" is what an empty prompt leaves anyway
+    legacy.save_pretrained(tmp_path / "migrated")
+    assert "sampling_defaults" not in json.loads((tmp_path / "migrated" / "config.json").read_text())
+    assert json.loads((tmp_path / "migrated" / "generation_config.json").read_text())["guidance_scale"] == 4.0
+
+
+def test_one_class_label_rule_and_no_padding():
+    model = tiny_model()
+    null = model.config.null_class_id
+    assert model.prepare_class_ids([None, -1, "none", "Unconditional", 3]).flatten().tolist() == [null] * 4 + [20]
+    with pytest.raises(ValueError, match="Class label 'cat' is out of range.*'none' or 'unconditional'"):
+        model.prepare_class_ids(["cat"])
+    ids = token_ids(model)
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+        torch.testing.assert_close(model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits, plain)
+        padded = torch.ones_like(ids)
+        padded[0, :2] = 0
+        with pytest.raises(ValueError, match="RAR does not take a padding attention_mask"):
+            model(input_ids=ids, attention_mask=padded)
+    with pytest.raises(ValueError, match="RAR does not take a padding attention_mask"):
+        model.generate(ids, attention_mask=padded)
+    assert model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False).shape == (2, 1 + L)
+
+
+def test_continuing_from_a_cache_checks_it_fits():
+    model = tiny_model()
+    kwargs = dict(guidance_scale=2.0, do_sample=False)
+    full = model.generate(class_labels=[1, 2], **kwargs)
+    first = model.generate(class_labels=[1, 2], **kwargs, max_new_tokens=4, return_dict_in_generate=True,
+                           cache_implementation="dynamic")  # fmt: skip
+    assert torch.equal(model.generate(first.sequences, cache=first.cache, **kwargs), full)
+    fresh = tiny_model()  # a static cache sized for 4 tokens (no earlier, larger call on this model)
+    small = fresh.generate(class_labels=[1, 2], **kwargs, max_new_tokens=4, return_dict_in_generate=True)
+    with pytest.raises(ValueError, match="static cache has room for 5 slots but this call needs 17.*max_cache_len"):
+        fresh.generate(small.sequences, cache=small.cache, **kwargs)
+    with pytest.raises(ValueError, match="The cache holds 4 rows but this call runs 2"):
+        fresh.generate(small.sequences[:1], cache=small.cache, **kwargs)

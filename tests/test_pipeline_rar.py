@@ -150,6 +150,11 @@ def test_progress_bar_counts_tokens_and_can_be_disabled(capfd):
     pipe.set_progress_bar_config(file=stream)
     pipe([0], generator=seeded(0), output_type="tokens")
     assert "16/16" in stream.getvalue()
+    # It counts kept tokens, not forward passes: speculative decoding reaches the end too.
+    for method in (dict(jacobi_window=4), dict(assistant_model=pipe.transformer)):
+        stream.truncate(0)
+        pipe([0], generator=seeded(0), output_type="tokens", **method)
+        assert "16/16" in stream.getvalue()
 
     pipe.set_progress_bar_config(disable=True)
     capfd.readouterr()
@@ -495,3 +500,62 @@ def test_converted_fixture_pipeline_end_to_end(converted_pipeline):
     again = pipe(labels, guidance_scale=4.0, generator=seeded(0), output_type="tokens").tokens
     other = pipe(labels, guidance_scale=4.0, generator=seeded(1), output_type="tokens").tokens
     assert torch.equal(again, out.tokens) and not torch.equal(other, out.tokens)
+
+
+def test_guidance_properties_and_a_callback_that_changes_the_guidance(pipe):
+    seen = []
+
+    def observe(p, step, timestep, callback_kwargs):
+        seen.append((p.guidance_scale, p.do_classifier_free_guidance, p.num_timesteps))
+        return {}
+
+    pipe([0], generator=seeded(0), guidance_scale=2.0, callback_on_step_end=observe, output_type="latent")
+    assert seen == [(2.0, True, 16)] * 16
+    pipe([0], generator=seeded(0), guidance_scale=1.0, callback_on_step_end=observe, output_type="latent")
+    assert seen[-1] == (1.0, False, 16)
+    # diffusers' contract: a callback that sets pipe._guidance_scale guides the following tokens with it. Here from
+    # token 8 on: the first 8 tokens are those of the unchanged call, and the rest those of a call at the new scale
+    # continued from them (greedy, so the tokens tell the guidance used).
+    def raise_at_7(p, step, timestep, callback_kwargs):
+        if step == 7:
+            p._guidance_scale = 6.0
+        return {}
+
+    kwargs = dict(generator=seeded(0), guidance_schedule="constant", top_k=1, output_type="latent")
+    changed = pipe([0, 1], guidance_scale=1.5, callback_on_step_end=raise_at_7, **kwargs).tokens
+    assert pipe.guidance_scale == 6.0
+    base = pipe([0, 1], guidance_scale=1.5, **kwargs).tokens
+    assert torch.equal(changed[:, :8], base[:, :8])
+    ids = pipe.transformer.prepare_class_ids([0, 1])
+    continued = pipe.transformer.generate(torch.cat([ids, base[:, :8]], 1), guidance_scale=6.0,
+                                          guidance_schedule="constant", do_sample=False)  # fmt: skip
+    assert torch.equal(changed, continued[:, 1:]) and not torch.equal(changed, base)
+
+
+def test_cpu_fast_paths_are_applied_per_call_or_kept_on_request(pipe):
+    from rar_hf.cpu_kernels import PackedLinear, can_pack
+
+    if not can_pack(torch.zeros(1)):
+        pytest.skip("this torch build cannot pack float32 weights with oneDNN")
+    transformer = pipe.transformer
+    state, num_parameters = {k: v.clone() for k, v in transformer.state_dict().items()}, transformer.num_parameters()
+    used = []
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(
+        lambda module, args: used.append(type(module)) if isinstance(module, (PackedLinear, torch.nn.Linear)) else None
+    )
+    try:
+        plain = pipe([0, 1], generator=seeded(3), output_type="latent").tokens
+    finally:
+        handle.remove()
+    assert PackedLinear in used and torch.nn.Linear not in used  # the call ran on the fast paths...
+    assert transformer.num_parameters() == num_parameters and type(transformer.lm_head) is torch.nn.Linear  # ...only
+    assert all(torch.equal(v, state[k]) for k, v in transformer.state_dict().items())
+    pipe.enable_cpu_fast_paths()
+    try:
+        assert isinstance(transformer.lm_head, PackedLinear)
+        assert torch.equal(pipe([0, 1], generator=seeded(3), output_type="latent").tokens, plain)
+        assert isinstance(transformer.lm_head, PackedLinear)  # kept across calls
+    finally:
+        pipe.disable_cpu_fast_paths()
+    assert type(transformer.lm_head) is torch.nn.Linear and transformer.num_parameters() == num_parameters
+    assert torch.equal(pipe([0, 1], generator=seeded(3), output_type="latent").tokens, plain)  # disabled: F.linear

@@ -72,7 +72,7 @@ def chi_square_p_value(counts, probs):
     "method",
     [dict(jacobi_window=2), dict(assistant=True, num_assistant_tokens=2), dict(jacobi_window=3, batch_size=4)],
     ids=["jacobi", "draft-model", "jacobi-batch4"],
-)
+)  # fmt: skip
 def test_speculative_sampling_matches_the_guided_distribution(models, method):
     target, draft = models
     method = dict(method)
@@ -93,6 +93,16 @@ def test_jacobi_guesses_for_new_window_positions_keep_sampling_exact(one_thread)
     model = random_rar(4, num_layers=2, codebook_size=3, image_seq_len=4)
     probs = exact_distribution(model, **SAMPLING)
     assert chi_square_p_value(sample_counts(model, 1200, jacobi_window=1), probs) > 0.01
+
+
+def test_prompt_lookup_drafts_keep_sampling_exact(one_thread):
+    # 3 codes over 4 tokens: most images repeat a code, so the one-hot n-gram drafts are proposed often.
+    model = random_rar(4, num_layers=2, codebook_size=3, image_seq_len=4)
+    probs = exact_distribution(model, **SAMPLING)
+    lookup = dict(prompt_lookup_num_tokens=2, max_matching_ngram_size=1)
+    assert chi_square_p_value(sample_counts(model, 1200, **lookup), probs) > 0.01
+    biased = sample_counts(model, 600, acceptance="relaxed", relax=3.0, **lookup)
+    assert chi_square_p_value(biased, probs) < 1e-4
 
 
 def test_window_processors_match_the_processors_step_by_step():
@@ -139,8 +149,8 @@ def larger_models(one_thread):
 @pytest.mark.parametrize(
     "method",
     [dict(assistant="draft"), dict(assistant="self", num_assistant_tokens=3), dict(jacobi_window=1),
-     dict(jacobi_window=4), dict(jacobi_window=16)],
-    ids=["draft-model", "self-draft", "jacobi-1", "jacobi-4", "jacobi-16"],
+     dict(jacobi_window=4), dict(jacobi_window=16), dict(prompt_lookup_num_tokens=3)],
+    ids=["draft-model", "self-draft", "jacobi-1", "jacobi-4", "jacobi-16", "prompt-lookup"],
 )  # fmt: skip
 def test_greedy_speculative_decoding_gives_the_greedy_tokens(larger_models, method, cache_implementation):
     target, draft = larger_models
@@ -155,6 +165,85 @@ def test_greedy_speculative_decoding_gives_the_greedy_tokens(larger_models, meth
                       cache_implementation=cache_implementation)  # fmt: skip
         plain = target.generate(ids, **kwargs)
         assert torch.equal(target.generate(ids, **kwargs, **method), plain)
+
+
+@pytest.mark.parametrize("cache_implementation", ["static", "dynamic"])
+@pytest.mark.parametrize(
+    "method", [dict(jacobi_window=3), dict(assistant_model="self", num_assistant_tokens=2),
+               dict(prompt_lookup_num_tokens=2)], ids=["jacobi", "self-draft", "prompt-lookup"],
+)  # fmt: skip
+def test_speculative_decoding_returns_what_plain_decoding_returns(larger_models, method, cache_implementation):
+    """transformers' contract for assisted decoding: the standard processors and stopping criteria apply, and the dict
+    outputs (scores, logits, hidden states, attentions, per generated token, and the cache) are those of plain decoding.
+    Here from a prefix of 3 known tokens, with guidance, repetition penalty and bad words."""
+    target, _ = larger_models
+    target.set_attn_implementation("eager")
+    try:
+        method = {k: (target if v == "self" else v) for k, v in method.items()}
+        greedy = target.generate(target.prepare_class_ids([0, None]), guidance_scale=3.0, do_sample=False)
+        prompt = greedy[:, :4]
+        kwargs = dict(guidance_scale=3.0, do_sample=False, max_new_tokens=9, repetition_penalty=1.3,
+                      bad_words_ids=[[1, 0]], remove_invalid_values=True, cache_implementation=cache_implementation,
+                      return_dict_in_generate=True, output_scores=True, output_logits=True, output_hidden_states=True,
+                      output_attentions=True)  # fmt: skip
+        plain = target.generate(prompt, **kwargs)
+        fast = target.generate(prompt, **kwargs, **method)
+        assert torch.equal(fast.sequences, plain.sequences) and fast.sequences.shape == (2, 13)
+        for name in ("scores", "logits"):
+            assert len(getattr(fast, name)) == 9
+            torch.testing.assert_close(torch.stack(getattr(fast, name)), torch.stack(getattr(plain, name)), atol=1e-5, rtol=1e-5)
+        for name in ("hidden_states", "attentions"):
+            for fast_step, plain_step in zip(getattr(fast, name), getattr(plain, name), strict=True):
+                for a, b in zip(fast_step, plain_step, strict=True):
+                    assert a.shape == b.shape, name
+                    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        assert type(fast.cache) is type(plain.cache)
+        # Stopping criteria: an EOS ends a row (its later tokens are the pad id), and generation when all rows ended.
+        eos = int(plain.sequences[0, 6])
+        stop = dict(kwargs, eos_token_id=eos, pad_token_id=0)
+        assert torch.equal(target.generate(prompt, **stop, **method).sequences, target.generate(prompt, **stop).sequences)
+    finally:
+        target.set_attn_implementation("sdpa")
+
+
+def test_streamer_and_step_callback_see_every_kept_token(larger_models):
+    from transformers.generation.streamers import BaseStreamer
+
+    from rar_hf.generation_rar import RARStepCallback
+
+    target, _ = larger_models
+
+    class Recorder(BaseStreamer):
+        def __init__(self):
+            self.puts, self.ended = [], False
+
+        def put(self, value):
+            self.puts.append(value.reshape(value.shape[0], -1) if value.dim() > 1 else value[:, None])
+
+        def end(self):
+            self.ended = True
+
+    ids = target.prepare_class_ids([1, 2])
+    for method in (dict(), dict(jacobi_window=4)):
+        streamer, steps = Recorder(), []
+        callback = RARStepCallback(lambda step, tokens: steps.append(step), target.config.codebook_size)
+        out = target.generate(ids, guidance_scale=2.0, do_sample=False, streamer=streamer, step_callback=callback,
+                              **method)  # fmt: skip
+        assert streamer.ended and torch.equal(torch.cat(streamer.puts, dim=1), out)  # the prompt, then every token
+        assert steps == list(range(16))
+    # A callback that replaces a token: generation continues from the replacement, as in plain decoding.
+    def replace(step, tokens):
+        if step == 5:
+            tokens[:, 2] = (tokens[:, 2] + 1) % 16
+            return tokens
+        return None
+
+    plain = target.generate(ids, guidance_scale=2.0, do_sample=False,
+                            step_callback=RARStepCallback(replace, 16))  # fmt: skip
+    fast = target.generate(ids, guidance_scale=2.0, do_sample=False, jacobi_window=4,
+                           step_callback=RARStepCallback(replace, 16))  # fmt: skip
+    assert torch.equal(fast, plain)
+    assert torch.equal(plain[:, 1:7], target.generate(plain[:, :7], guidance_scale=2.0, do_sample=False)[:, 1:7])
 
 
 def test_self_drafting_accepts_every_draft(larger_models):
@@ -174,6 +263,8 @@ def test_speculative_arguments_are_checked(larger_models):
         target.generate(ids, assistant_model=random_rar(0, 1))
     with pytest.raises(ValueError, match="exactly one of"):
         target.generate(ids, assistant_model=draft, jacobi_window=4)
+    with pytest.raises(ValueError, match="prompt_lookup_num_tokens must be a positive int"):
+        target.generate(ids, prompt_lookup_num_tokens=0)
     with pytest.raises(ValueError, match="jacobi_window must be a positive int, got 0"):
         target.generate(ids, jacobi_window=0)
     with pytest.raises(ValueError, match="num_assistant_tokens must be a positive int"):
@@ -208,10 +299,8 @@ def test_pipeline_takes_a_draft_model_or_a_jacobi_window(one_thread):
         tokens(0, assistant_model=random_rar(0, 1))
 
 
-def test_benchmark_script_prints_the_table():
-    import os
-    import subprocess
-    import sys
+def test_benchmark_script_prints_the_table(capsys, monkeypatch):
+    import runpy
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[1]
@@ -219,8 +308,16 @@ def test_benchmark_script_prints_the_table():
     # The shipped model drafting for itself keeps every draft: 64 tokens in 21 passes of 3 and a last one of 1.
     args = ["--draft", shipped, "--num_assistant_tokens", "2", "--jacobi_windows", "2", "--speed_images", "1",
             "--repeats", "1", "--num_per_class", "0", "--threads", "1"]  # fmt: skip
-    result = subprocess.run([sys.executable, repo / "benchmarks" / "speculative.py", *map(str, args)], cwd=repo,
-                            capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    assert "| draft model (4-layer), 2 tokens | 2.91 | 22.0 (+ 42.0) |" in result.stdout
-    assert "| Jacobi, window 2 |" in result.stdout
+    script = repo / "benchmarks" / "speculative.py"
+    monkeypatch.setattr("sys.argv", [str(script), *map(str, args)])
+    monkeypatch.syspath_prepend(str(script.parent))
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(SystemExit) as exit:
+            runpy.run_path(str(script), run_name="__main__")
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert exit.value.code in (0, None), out
+    assert "| draft model (4-layer), 2 tokens | 2.91 | 22.0 (+ 42.0) |" in out
+    assert "| Jacobi, window 2 |" in out

@@ -197,8 +197,10 @@ class RARGenerationMixin(GenerationMixin):
             cache (`transformers.Cache`, *optional*): the cache returned by an earlier call
                 (`return_dict_in_generate=True`), to continue from it: `input_ids` is then that call's `sequences`
                 (generation order), optionally followed by more known tokens.
-            assistant_model ([`RARForImageGeneration`], *optional*) / jacobi_window (`int`, *optional*): speculative
-                decoding (see `rar_hf.speculative_rar`), with `num_assistant_tokens`, `acceptance`, `relax`.
+            assistant_model ([`RARForImageGeneration`], *optional*) / jacobi_window (`int`, *optional*) /
+                prompt_lookup_num_tokens (`int`, *optional*): speculative decoding with a draft model, Jacobi guesses
+                or n-grams of the image so far (see `rar_hf.speculative_rar`), with `num_assistant_tokens`,
+                `max_matching_ngram_size`, `acceptance`, `relax`.
             kwargs: the rest of transformers' `generate()` arguments (`max_new_tokens`, `cache_implementation`,
                 `use_cache`, `return_dict_in_generate`, `output_scores`, `output_logits`, `repetition_penalty`,
                 `bad_words_ids`, `logits_processor`, `stopping_criteria`, `streamer`, `compile_config`, ...).
@@ -209,8 +211,7 @@ class RARGenerationMixin(GenerationMixin):
             partial image, are `-1`). `scores[s]` (with `output_scores=True`) are the guided, temperature-scaled
             scores from which the `s`-th new token was drawn (`B` rows); `logits`, `hidden_states` and `attentions`
             are the model's raw outputs of each step (`2B` rows `[conditional; null]` with guidance; the first step
-            runs the cls slot and the prompt). Beam search runs without guidance only; `prompt_lookup_num_tokens` is
-            not supported (speculative decoding is `assistant_model=` or `jacobi_window=`).
+            runs the cls slot and the prompt). Beam search runs without guidance only.
         """
         if input_ids is None and class_labels is None:
             raise ValueError("Pass class_labels (class ids, None for unconditional) or input_ids (class tokens first).")
@@ -222,12 +223,6 @@ class RARGenerationMixin(GenerationMixin):
             raise ValueError(f"input_ids must be a (batch, 1 + k) tensor of token ids, got {input_ids!r}.")
         input_ids = input_ids.to(self.device)
         batch_size, prompt_tokens = input_ids.shape[0], input_ids.shape[1] - 1
-        if kwargs.get("prompt_lookup_num_tokens") is not None:
-            raise ValueError(
-                "generate() does not accept `prompt_lookup_num_tokens`: prompt lookup drafts tokens by copying n-grams "
-                "of the prompt, and a class token followed by image tokens has no text to look up. Speculative "
-                "decoding for RAR is `assistant_model=` (a smaller RAR) or `jacobi_window=`."
-            )
         if kwargs.get("attention_mask") is not None:
             mask = kwargs.pop("attention_mask")
             if tuple(mask.shape) != tuple(input_ids.shape) or not bool(mask.all()):
@@ -237,10 +232,7 @@ class RARGenerationMixin(GenerationMixin):
                 )
         speculative = {name: kwargs.pop(name, None) for name in SPECULATIVE_ARGUMENTS}
         speculative = {name: value for name, value in speculative.items() if value is not None}
-        if speculative and not {"assistant_model", "jacobi_window"} & set(speculative):
-            raise ValueError(
-                f"{sorted(speculative)} only apply to speculative decoding: pass assistant_model= or jacobi_window=."
-            )
+
         rar_options = {name: kwargs.pop(name) for name in RAR_GENERATION_DEFAULTS if name in kwargs}
         explicit = set(kwargs)
         # Defaults that do not apply to this call are set to transformers' neutral values, so that its config
@@ -256,6 +248,14 @@ class RARGenerationMixin(GenerationMixin):
         for name, value in rar_options.items():
             if value is not None:
                 setattr(generation_config, name, value)
+        if generation_config.prompt_lookup_num_tokens is not None:  # transformers' name (a generation config field)
+            speculative["prompt_lookup_num_tokens"] = generation_config.prompt_lookup_num_tokens
+            generation_config.prompt_lookup_num_tokens = None
+        if speculative and not {"assistant_model", "jacobi_window", "prompt_lookup_num_tokens"} & set(speculative):
+            raise ValueError(
+                f"{sorted(speculative)} only apply to speculative decoding: pass assistant_model=, jacobi_window= or "
+                "prompt_lookup_num_tokens=."
+            )
         for name, value in {"guidance_scale": 1.0, **RAR_GENERATION_DEFAULTS}.items():
             if getattr(generation_config, name, None) is None:
                 setattr(generation_config, name, value)

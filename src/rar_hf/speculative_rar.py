@@ -10,6 +10,10 @@ kept when it is the target's argmax, so the tokens are those of plain greedy dec
 
 - **Draft model** (`assistant_model=`): a smaller RAR with the same codebook, classes and sequence length drafts
   `num_assistant_tokens` tokens one by one, with the same processors.
+- **Prompt lookup** (`prompt_lookup_num_tokens=`, transformers' name): drafts the tokens that followed the most recent
+  earlier occurrence of the last n-gram (`max_matching_ngram_size`, default 2) of the image so far: flat backgrounds and
+  repeated textures repeat their codes. A draft copied this way is proposed with certainty (`q` one-hot), which the
+  rule above handles exactly; rows without a match guess uniformly.
 - **Speculative Jacobi decoding** (`jacobi_window=`, Teng et al. 2024, arXiv 2410.01699): training-free. The target
   keeps a window of guessed future tokens; each forward pass scores the window, keeps the accepted prefix, and its
   outputs at the positions after the cut, drawn afresh, become the next guesses (new positions are guessed from the
@@ -178,8 +182,8 @@ class _GuidedModel:
         if cache is not None:
             self.cache: Cache = cache
         elif cache_implementation == "static":
-            # Sized as plain generate() sizes it: the cls slot and every entry but the last (never fed).
-            self.cache = StaticCache(config=config, max_cache_len=max_length)
+            # Made and sized as plain generate() makes it: the cls slot and every entry but the last (never fed).
+            self.cache = model._prepare_static_cache("static", rows, max_length, None, {})
         elif cache_implementation in (None, "dynamic"):
             self.cache = DynamicCache(config=config)
         else:
@@ -378,6 +382,7 @@ def speculative_generate(
     assistant_model=None,
     num_assistant_tokens: int | None = None,
     jacobi_window: int | None = None,
+    prompt_lookup_num_tokens: int | None = None,
     acceptance: str = "lossless",
     relax: float = 2.0,
     stats: SpeculativeStats | None = None,
@@ -402,8 +407,13 @@ def speculative_generate(
         As plain `generate()` before the reordering to raster: `(B, 1 + k + n)` in generation order, or a
         `GenerateDecoderOnlyOutput`.
     """
-    if (assistant_model is None) == (jacobi_window is None):
-        raise ValueError("Pass exactly one of assistant_model= (draft model) and jacobi_window= (Jacobi decoding).")
+    methods = [name for name, value in (("assistant_model", assistant_model), ("jacobi_window", jacobi_window),
+               ("prompt_lookup_num_tokens", prompt_lookup_num_tokens)) if value is not None]  # fmt: skip
+    if len(methods) != 1:
+        raise ValueError(
+            "Pass exactly one of assistant_model= (draft model), jacobi_window= (Jacobi decoding) and "
+            f"prompt_lookup_num_tokens= (prompt lookup); got {methods or 'none'}."
+        )
     if acceptance not in ACCEPTANCE_RULES:
         raise ValueError(f"acceptance must be one of {ACCEPTANCE_RULES}, got {acceptance!r}.")
     if acceptance == "relaxed" and not relax >= 1.0:
@@ -458,10 +468,15 @@ def speculative_generate(
         )
         _draft_model_loop(run, target, draft, window, drawer, acceptance, relax, do_sample, stats)
         stats.draft_forwards += draft.forwards
-    else:
+    elif jacobi_window is not None:
         if type(jacobi_window) is not int or jacobi_window < 1:
             raise ValueError(f"jacobi_window must be a positive int, got {jacobi_window!r}.")
         _jacobi_loop(run, target, jacobi_window, drawer, acceptance, relax, do_sample, stats)
+    else:
+        if type(prompt_lookup_num_tokens) is not int or prompt_lookup_num_tokens < 1:
+            raise ValueError(f"prompt_lookup_num_tokens must be a positive int, got {prompt_lookup_num_tokens!r}.")
+        max_ngram = generation_config.max_matching_ngram_size or 2
+        _lookup_loop(run, target, prompt_lookup_num_tokens, max_ngram, drawer, acceptance, relax, do_sample, stats)
     stats.target_forwards += target.forwards
     stats.tokens += (run.image_tokens - (input_ids.shape[1] - 1)) * batch_size
     return run.output(target.cache)
@@ -533,3 +548,47 @@ def _jacobi_loop(run, target, window, drawer, acceptance, relax, do_sample, stat
         # Positions beyond the window are guessed from the target's last distribution (neighbouring image tokens
         # look alike), with a tenth of uniform: a few hundredths more tokens per pass than uniform guesses alone.
         fresh = _FRESH_FROM_LAST * p[:, -1] + (1 - _FRESH_FROM_LAST) * uniform
+
+
+def _lookup_drafts(tokens: torch.LongTensor, k: int, max_ngram: int, vocab_size: int, drawer: _Drawer):
+    """Drafts `(B, k')` and the distributions they come from `(B, k', V)`: per row, the tokens that followed the most
+    recent earlier occurrence of its last n-gram (longest n first), one-hot; positions no match covers are guessed
+    uniformly. `k' = 0` when no row found anything (a plain step then)."""
+    batch_size, n = tokens.shape
+    found = []
+    for row in tokens:
+        continuation = row[:0]
+        for size in range(min(max_ngram, n - 1), 0, -1):
+            windows = row.unfold(0, size, 1)[: n - size]  # every earlier n-gram with at least one token after it
+            starts = (windows == row[n - size :]).all(dim=1).nonzero()
+            if starts.numel():
+                start = int(starts[-1]) + size
+                continuation = row[start : start + k]
+                break
+        found.append(continuation)
+    width = max(len(c) for c in found)
+    if width == 0:
+        return tokens[:, :0], torch.zeros(batch_size, 0, vocab_size, device=tokens.device)
+    uniform = torch.full((batch_size, width, vocab_size), 1.0 / vocab_size, device=tokens.device)
+    guesses = drawer.categorical(uniform)
+    q = uniform.clone()
+    for row, continuation in enumerate(found):
+        guesses[row, : len(continuation)] = continuation
+        q[row, : len(continuation)] = torch.nn.functional.one_hot(continuation, vocab_size).to(q.dtype)
+    return guesses, q
+
+
+def _lookup_loop(run, target, num_tokens, max_ngram, drawer, acceptance, relax, do_sample, stats):
+    vocab_size = target.model.config.codebook_size
+    while not run.done:
+        n = run.image_tokens
+        k = min(num_tokens, run.goal - n - 1)
+        drafts, q = _lookup_drafts(run.sequence[:, 1:], k, max_ngram, vocab_size, drawer)
+        k = drafts.shape[1]
+        verified = target.scores(torch.cat([run.sequence, drafts], dim=1), n + k + 1, n)
+        p = _probabilities(verified.scores, do_sample)
+        tokens = _kept(drafts, *_verify(drafts, q, p, drawer, acceptance, relax, do_sample))
+        stats.accepted_per_forward.append(tokens.shape[1])
+        replaced = run.commit(tokens, verified)
+        keep = run.sequence.shape[1] - 1
+        target.rollback(keep if replaced is None else min(replaced, keep))
