@@ -131,14 +131,22 @@ def test_class_picker_offers_every_class_then_unconditional(app):
     ]
 
 
-@pytest.mark.parametrize("label", [None, -1, "none", "unconditional"])
-def test_app_takes_the_pipeline_unconditional_labels(app, tiny_pipe, label):
-    """The app hands the label to the pipeline's one class-label rule: the four spellings of the null class give
-    `pipe(None)`'s images."""
-    *_, (images, status) = app.generate_images(tiny_pipe, label, 1, 1.0, 1.0, 7)
+def test_app_generates_unconditional_images(app, tiny_pipe):
+    """The picker's "unconditional" entry gives `pipe(None)`'s images."""
+    *_, (images, status) = app.generate_images(tiny_pipe, "unconditional", 1, 1.0, 1.0, 7)
     reference = tiny_pipe(None, guidance_scale=1.0, temperature=1.0, generator=torch.Generator().manual_seed(7))
     np.testing.assert_array_equal(np.asarray(images[0]), np.asarray(reference.images[0]))
     assert status == "Done: 1 unconditional image(s), seed 7."
+
+
+@pytest.mark.parametrize("label", [None, -1, "none", "UNCONDITIONAL"])
+def test_app_takes_the_other_spellings_of_the_null_class(app, tiny_pipe, label):
+    """The app hands labels to the pipeline's one class-label rule (`get_label_ids`): it starts generating for each
+    spelling of the null class (which images they give is the pipeline's test)."""
+    stream = app.generate_images(tiny_pipe, label, 1, 1.0, 1.0, 7)
+    seq_len = tiny_pipe.transformer.config.image_seq_len
+    assert next(stream)[1].endswith(f"Generating: 0/{seq_len} tokens")  # checks passed; next comes the generation
+    stream.close()
 
 
 def test_app_refuses_a_bad_class_before_generating(app, tiny_pipe):
