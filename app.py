@@ -34,11 +34,15 @@ DEFAULT_MODEL = Path(rar_hf.__file__).parent / "pretrained" / "tiny-digits"
 MAX_IMAGES = 8
 # Previews per image: each one decodes the partial token grid, so a handful is enough to watch the image build up.
 NUM_PREVIEWS = 16
+# The picker's entry for the null class. The app hands whatever the picker (or an API call) gives to the pipeline's
+# `get_label_ids`, the one class-label rule: a class id or name, or None / -1 / "none" / "unconditional".
+UNCONDITIONAL = "unconditional"
 
 # Local fonts: the default theme links Google Fonts, which an offline machine cannot reach.
 THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
-# The shipped model makes 32x32 images: shown scaled up, they must stay sharp pixels rather than a blur.
-CSS = "#gallery img { image-rendering: pixelated; }"
+# The shipped model makes 32x32 images: shown scaled up, they must stay sharp pixels rather than a blur. The progress
+# bar in the status line gets half its width.
+CSS = "#gallery img { image-rendering: pixelated; } #status progress { width: 50%; vertical-align: middle; }"
 # gradio 6 takes the page style in launch(), older versions in Blocks().
 STYLE = {"theme": THEME, "css": CSS}
 STYLE_IN_LAUNCH = "css" in inspect.signature(gr.Blocks.launch).parameters
@@ -46,83 +50,116 @@ STYLE_IN_LAUNCH = "css" in inspect.signature(gr.Blocks.launch).parameters
 GALLERY_KWARGS = {"format": "png"} if "format" in inspect.signature(gr.Gallery.__init__).parameters else {}
 
 
-def class_choices(id2label: dict[int, str]) -> list[str]:
-    """One dropdown entry per class id, in id order (the dropdown returns the index): the class name, with the id
-    appended to names that several classes share (ImageNet has two "crane" and two "maillot")."""
+def class_choices(id2label: dict[int, str]) -> list[tuple[str, int | str]]:
+    """The picker's `(shown name, value)` pairs: one per class id, in id order, valued by the id; the class name is
+    shown, with the id appended to names that several classes share (ImageNet has two "crane" and two "maillot").
+    Then "unconditional"."""
     names = [id2label[i] for i in range(len(id2label))]
-    return [f"{name} ({i})" if names.count(name) > 1 else name for i, name in enumerate(names)]
+    choices = [(f"{name} ({i})" if names.count(name) > 1 else name, i) for i, name in enumerate(names)]
+    return choices + [(UNCONDITIONAL, UNCONDITIONAL)]
+
+
+def progress_text(done: int, total: int) -> str:
+    """The status line while the tokens arrive: a progress bar and the count. The page's own progress overlay is not
+    used: gradio shows it over the outputs between two yields and takes it off at each yield, which hid the gallery
+    every other update."""
+    return f'<progress value="{done}" max="{total}"></progress> Generating: {done}/{total} tokens'
+
+
+def _waiting_events(events: queue.Queue) -> list:
+    """The next event (waits for it), then every event already queued: the page shows the latest state at once
+    instead of falling behind the tokens when it updates more slowly than they arrive."""
+    batch = [events.get()]
+    while True:
+        try:
+            batch.append(events.get_nowait())
+        except queue.Empty:
+            return batch
+
+
+def generate_images(pipe: RARPipeline, class_label, num_images, guidance_scale, temperature, seed):
+    """Run `pipe` in a thread and yield what the page shows, `(gallery, status)`: the previews (decoded partial token
+    grids; `gr.skip()` keeps the gallery between them) with the token count, then the final images."""
+    try:
+        (class_id,) = pipe.get_label_ids(class_label)
+    except (TypeError, ValueError) as error:
+        raise gr.Error(str(error))
+    if seed is None or seed < 0 or seed != int(seed):
+        raise gr.Error(f"The seed must be a whole number >= 0, got {seed}.")
+    num_images, seed = int(num_images), int(seed)
+    seq_len = pipe.transformer.config.image_seq_len
+    preview_every = max(1, seq_len // NUM_PREVIEWS)
+    events = queue.Queue()
+    stop = threading.Event()
+
+    # Runs in the generation thread after each token: decoding there keeps the previews in step with the tokens
+    # (and off the CPU cores while the next token is being computed).
+    def on_step_end(pipe, step, timestep, callback_kwargs):
+        done = step + 1
+        preview = None
+        if done % preview_every == 0 and done < seq_len:
+            preview = pipe.decode_partial(callback_kwargs["tokens"])
+        events.put(("step", done, preview))
+        if stop.is_set():  # the page was closed: stop after this token
+            pipe._interrupt = True
+        return {}
+
+    def run():
+        try:
+            images = pipe(
+                class_label,
+                num_images_per_prompt=num_images,
+                guidance_scale=float(guidance_scale),
+                temperature=float(temperature),
+                generator=torch.Generator().manual_seed(seed),
+                callback_on_step_end=on_step_end,
+                callback_on_step_end_tensor_inputs=["tokens"],
+            ).images
+            events.put(("done", images))
+        except Exception as error:  # handed to the request thread, which reports it in the page
+            events.put(("error", error))
+
+    worker = threading.Thread(target=run, name="rar-generate", daemon=True)
+    yield gr.skip(), progress_text(0, seq_len)
+    worker.start()
+    try:
+        while True:
+            done, preview = None, None
+            for kind, *payload in _waiting_events(events):
+                if kind == "error":
+                    raise gr.Error(f"Generation failed: {payload[0]}")
+                if kind == "done":
+                    if class_id is None:
+                        what = f"{num_images} unconditional image(s)"
+                    else:
+                        what = f"{num_images} image(s) of class {class_id} ({pipe.id2label[class_id]})"
+                    yield payload[0], f"Done: {what}, seed {seed}."
+                    return
+                done = payload[0]
+                if payload[1] is not None:
+                    preview = payload[1]
+            yield (gr.skip() if preview is None else preview), progress_text(done, seq_len)
+    finally:
+        stop.set()
+        worker.join()
 
 
 def build_demo(pipe: RARPipeline, title: str = "RAR") -> gr.Blocks:
-    config = pipe.transformer.config
-    seq_len = config.image_seq_len
-    preview_every = max(1, seq_len // NUM_PREVIEWS)
     choices = class_choices(pipe.id2label)
 
-    def generate(class_index, num_images, guidance_scale, temperature, seed, progress=gr.Progress()):
-        if class_index is None:
-            raise gr.Error("Pick a class first.")
-        if seed is None or seed < 0 or seed != int(seed):
-            raise gr.Error(f"The seed must be a whole number >= 0, got {seed}.")
-        class_id, num_images, seed = int(class_index), int(num_images), int(seed)
-        events = queue.Queue()
-        stop = threading.Event()
-
-        # Runs in the generation thread after each token: decoding there keeps the previews in step with the tokens
-        # (and off the CPU cores while the next token is being computed).
-        def on_step_end(pipe, step, timestep, callback_kwargs):
-            done = step + 1
-            preview = None
-            if done % preview_every == 0 and done < seq_len:
-                preview = pipe.decode_partial(callback_kwargs["tokens"])
-            events.put(("step", done, preview))
-            if stop.is_set():  # the page was closed: stop after this token
-                pipe._interrupt = True
-            return {}
-
-        def run():
-            try:
-                images = pipe(
-                    class_id,
-                    num_images_per_prompt=num_images,
-                    guidance_scale=float(guidance_scale),
-                    temperature=float(temperature),
-                    generator=torch.Generator().manual_seed(seed),
-                    callback_on_step_end=on_step_end,
-                    callback_on_step_end_tensor_inputs=["tokens"],
-                ).images
-                events.put(("done", images))
-            except Exception as error:  # handed to the request thread, which reports it in the page
-                events.put(("error", error))
-
-        worker = threading.Thread(target=run, name="rar-generate", daemon=True)
-        progress((0, seq_len), desc="Generating tokens", unit="tokens")
-        worker.start()
-        try:
-            while True:
-                kind, *payload = events.get()
-                if kind == "step":
-                    done, preview = payload
-                    progress((done, seq_len), desc="Generating tokens", unit="tokens")
-                    if preview is not None:
-                        yield preview, f"Token {done} of {seq_len}"
-                elif kind == "error":
-                    raise gr.Error(f"Generation failed: {payload[0]}")
-                else:
-                    name = pipe.id2label[class_id]
-                    yield payload[0], f"Done: {num_images} image(s) of class {class_id} ({name}), seed {seed}."
-                    return
-        finally:
-            stop.set()
-            worker.join()
+    def generate(class_label, num_images, guidance_scale, temperature, seed):
+        yield from generate_images(pipe, class_label, num_images, guidance_scale, temperature, seed)
 
     defaults = pipe.transformer.generation_config
     with gr.Blocks(title=title, **({} if STYLE_IN_LAUNCH else STYLE)) as demo:
         gr.Markdown(f"# {title}\nClass-conditional image generation with RAR, one image token at a time.")
         with gr.Row():
             with gr.Column(scale=1):
+                # Typed text that is not an entry goes to the pipeline as is (another synonym of a class name,
+                # "none"); a name it does not know gets its error, which suggests close names.
                 class_picker = gr.Dropdown(
-                    choices, value=choices[0], type="index", label="Class (type to search)", elem_id="class-picker"
+                    choices, value=choices[0][1], label="Class (type to search)", allow_custom_value=True,
+                    elem_id="class-picker",
                 )
                 num_images = gr.Slider(1, MAX_IMAGES, value=4, step=1, label="Number of images", elem_id="num-images")
                 guidance_scale = gr.Slider(
@@ -136,7 +173,11 @@ def build_demo(pipe: RARPipeline, title: str = "RAR") -> gr.Blocks:
             with gr.Column(scale=2):
                 gallery = gr.Gallery(label="Images", columns=4, elem_id="gallery", **GALLERY_KWARGS)
                 status = gr.Markdown(elem_id="status")
-        button.click(generate, [class_picker, num_images, guidance_scale, temperature, seed], [gallery, status])
+        # "minimal": the queue position and the timer in a corner, never an overlay over the images.
+        button.click(
+            generate, [class_picker, num_images, guidance_scale, temperature, seed], [gallery, status],
+            show_progress="minimal",
+        )
     return demo
 
 
@@ -155,7 +196,8 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def main(argv=None):
+def main(argv=None, block: bool = True) -> gr.Blocks:
+    """Serve the demo; with `block=False`, return the running demo at once (`demo.close()` stops it)."""
     args = parse_args(argv)
     try:
         pipe = RARPipeline.from_pretrained(args.model)
@@ -166,7 +208,11 @@ def main(argv=None):
     title = "RAR tiny digits" if Path(args.model) == DEFAULT_MODEL else f"RAR: {args.model}"
     demo = build_demo(pipe, title=title)
     # One generation at a time: they share the model (and would only split the same cores).
-    demo.queue().launch(server_name=args.host, server_port=args.port, **(STYLE if STYLE_IN_LAUNCH else {}))
+    demo.queue().launch(
+        server_name=args.host, server_port=args.port, prevent_thread_lock=not block,
+        **(STYLE if STYLE_IN_LAUNCH else {}),
+    )
+    return demo
 
 
 if __name__ == "__main__":
