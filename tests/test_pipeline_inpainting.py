@@ -303,3 +303,64 @@ def test_bad_inputs_fail_with_one_line_before_any_compute(pipe, images, monkeypa
     with ForwardCounter(pipe.transformer) as counter, pytest.raises(error, match=message) as raised:
         pipe([0, 1, 2], **arguments)
     assert counter.calls == 0 and encoded == [] and "\n" not in str(raised.value)
+
+
+# ------------------------------------------------------------------------------------------------ the command line
+def digit_files(folder):
+    """A held-out digit (32x32, the shipped model's size) and a bottom-half mask, as PNG files."""
+    from rar_hf.data.digits import digits_to_images, split_digits
+
+    digits, labels = split_digits()["test"]
+    image_path, mask_path = folder / "digit.png", folder / "mask.png"
+    digits_to_images(digits[:1], 32)[0].save(image_path)
+    mask = np.zeros((32, 32), dtype=np.uint8)
+    mask[16:] = 255
+    Image.fromarray(mask).save(mask_path)
+    return image_path, mask_path
+
+
+def test_generate_command_inpaints_with_the_pipeline(tmp_path, capsys):
+    from test_cli import run_cli
+
+    from rar_hf.commands.generate import DEFAULT_MODEL
+    from rar_hf.pipeline_rar import RARPipeline
+
+    image_path, mask_path = digit_files(tmp_path)
+    argv = ["generate", "--image", str(image_path), "--mask_image", str(mask_path), "--class_labels", "3", "8",
+            "--num_images_per_label", "2", "--seed", "4", "--output_dir", str(tmp_path / "pngs"),
+            "--output_path", str(tmp_path / "grid.png")]  # fmt: skip
+    code, _, err = run_cli(argv, capsys)
+    assert code == 0, err
+    pipe = RARPipeline.from_pretrained(DEFAULT_MODEL)
+    pipe.set_progress_bar_config(disable=True)
+    expected = pipe([3, 8], image=Image.open(image_path), mask_image=Image.open(mask_path), num_images_per_prompt=2,
+                    generator=torch.Generator().manual_seed(4))  # fmt: skip
+    names = sorted(path.name for path in (tmp_path / "pngs").glob("*.png"))
+    assert names == ["00_3_000.png", "00_3_001.png", "01_8_000.png", "01_8_001.png"]
+    for name, image in zip(names, expected.images):
+        np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "pngs" / name)), np.asarray(image))
+    # The grid: a first row with the input and what it keeps, then one row per class.
+    assert Image.open(tmp_path / "grid.png").height == 3 * (64 + 4) + 4
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--image", "{image}"], "--image needs --mask_image"),
+        (["--mask_image", "{mask}"], "--mask_image needs --image"),
+        (["--image", "{missing}", "--mask_image", "{mask}"], "--image {missing}: no such file"),
+        (["--image", "{image}", "--mask_image", "{text}"], "--mask_image {text} is not an image PIL can read"),
+    ],
+    ids=["no-mask", "no-image", "missing", "not-an-image"],
+)
+def test_generate_command_refuses_bad_inpainting_files_before_loading(tmp_path, capsys, monkeypatch, flags, message):
+    from test_cli import assert_one_line_error, run_cli
+
+    from rar_hf.commands import generate
+
+    monkeypatch.setattr(generate, "load_pipeline", lambda *a, **k: pytest.fail("loaded before the bad input was reported"))
+    image_path, mask_path = digit_files(tmp_path)
+    (tmp_path / "notes.png").write_text("not a picture")
+    paths = dict(image=image_path, mask=mask_path, missing=tmp_path / "nope.png", text=tmp_path / "notes.png")
+    code, _, err = run_cli(["generate", *[flag.format(**paths) for flag in flags], "--output_path", str(tmp_path / "g.png")], capsys)
+    assert_one_line_error(code, err, message.format(**paths), prog="rar-hf generate")
