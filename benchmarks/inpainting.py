@@ -15,7 +15,9 @@ Speed. Completing half an image runs half the decoding steps: forward passes of 
 full image, the bottom half (a raster prefix of 32 tokens), a random half (32 tokens per row), and random masks whose
 rows keep different numbers of tokens (their extra kept tokens cost one step each).
 
-    flock /tmp/rar-cpu.lock python benchmarks/inpainting.py --output_json outputs/inpainting.json   # ~2 min on 2 cores
+    python benchmarks/inpainting.py --sections quality --output_json outputs/inpainting-quality.json    # ~6 min, 2 cores
+    flock /tmp/rar-cpu.lock python benchmarks/inpainting.py --sections speed --threads 2 \
+        --output_json outputs/inpainting-speed.json                                                    # ~1 min
 """
 
 import argparse
@@ -48,6 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--speed_batch_sizes", type=int, nargs="*", default=[1, 10], help="Batch sizes timed (none: skip).")
     p.add_argument("--repeats", type=int, default=7, help="Timed passes per setting (median).")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's).")
+    p.add_argument("--sections", nargs="+", choices=("quality", "speed"), default=["quality", "speed"],
+                   help="What to measure (time the speed section alone, under the CPU lock).")
     p.add_argument("--output_json", default=None, help="Also write the results here.")
     return p.parse_args(argv)
 
@@ -205,8 +209,8 @@ def main(args):
     pipe.set_progress_bar_config(disable=True)
     if args.guidance_scale is None:
         args.guidance_scale = pipe.transformer.generation_config.guidance_scale
-    judge = DigitsJudge()
-    rows = quality(pipe, judge, args) if args.seeds else []
+    judge = DigitsJudge() if "quality" in args.sections else None
+    rows = quality(pipe, judge, args) if "quality" in args.sections else []
     summary = summarise(rows)
     print(f"model {args.model}; guidance {args.guidance_scale:g}; torch threads {torch.get_num_threads()}")
     if summary:
@@ -224,7 +228,7 @@ def main(args):
                 text = f"{mean * scale:.{digits}f}{unit}"
                 cells.append(text if entry["seeds"] == 1 else f"{text} ({low * scale:.{digits}f}-{high * scale:.{digits}f})")
             print(f"| {entry['setting']} | " + " | ".join(cells) + " |")
-    records = speed(pipe, args) if args.speed_batch_sizes else []
+    records = speed(pipe, args) if "speed" in args.sections else []
     if records:
         print(f"\nSpeed (pipeline call, output_type='latent', median of {args.repeats})\n")
         print("| batch | setting | transformer forwards | seconds | vs full image |")
