@@ -1,5 +1,7 @@
 """generate() continuing from known image tokens (a prefix in generation order) and from an earlier call's cache."""
 
+import contextlib
+
 import pytest
 import torch
 from transformers.cache_utils import StaticCache
@@ -34,12 +36,16 @@ def greedy_options(guidance_scale, orders, cache):
     return dict(do_sample=False, guidance_scale=guidance_scale, guidance_schedule="linear", orders=orders, **CACHES[cache])
 
 
-def count_forwards(model):
-    """A list that records the `input_ids` shape of every forward call of `model` (remove the hook with `.remove()`)."""
+@contextlib.contextmanager
+def forward_calls(model):
+    """The `input_ids` shape of every forward call of `model` inside the block."""
     calls = []
     handle = model.register_forward_hook(lambda m, args, kwargs, out: calls.append(tuple(kwargs["input_ids"].shape)),
                                          with_kwargs=True)  # fmt: skip
-    return calls, handle
+    try:
+        yield calls
+    finally:
+        handle.remove()
 
 
 @pytest.mark.parametrize("order", ["raster", "random"])
@@ -61,11 +67,8 @@ def test_greedy_completion_of_a_greedy_image_returns_that_image(model, guidance_
 def test_the_prefix_is_read_in_one_forward_pass(model, guidance_scale, use_cache):
     full = model.generate(class_labels=LABELS, do_sample=False, guidance_scale=guidance_scale)
     k, rows = 10, len(LABELS) * (2 if guidance_scale != 1.0 else 1)
-    calls, handle = count_forwards(model)
-    try:
+    with forward_calls(model) as calls:
         model.generate(input_ids=full[:, : 1 + k], do_sample=False, guidance_scale=guidance_scale, use_cache=use_cache)
-    finally:
-        handle.remove()
     # One forward per new token; the first reads the class token and all k known tokens (the model adds the cls slot).
     assert len(calls) == L - k
     assert calls[0] == (rows, 1 + k)
@@ -74,50 +77,38 @@ def test_the_prefix_is_read_in_one_forward_pass(model, guidance_scale, use_cache
 
 
 @pytest.mark.parametrize("order", ["raster", "random"])
-@pytest.mark.parametrize("cache", ["dynamic", "static"])
+@pytest.mark.parametrize("cache", ["dynamic", "static", "user-static"])
 def test_continuing_an_earlier_call_from_its_cache(model, cache, order):
     orders = None if order == "raster" else random_orders(len(LABELS), seed=1)
-    options = greedy_options(4.0, orders, "dynamic")
-    options.pop("cache_implementation")
+    options = greedy_options(4.0, orders, "static")  # "static": the model's default cache
     full = model.generate(class_labels=LABELS, **options)
     k = 5
-    first_cache = StaticCache(config=model.config, max_cache_len=1 + 1 + L) if cache == "static" else None
-    first = model.generate(class_labels=LABELS, max_new_tokens=k, return_dict_in_generate=True,
-                           **({"cache": first_cache} if first_cache is not None else {}), **options)  # fmt: skip
-    # sequences come back in raster order (-1 where not generated): continue from them in generation order
-    known = in_generation_order(first.sequences[:, 1:], orders)[:, :k]
-    assert bool((known >= 0).all())
-    calls, handle = count_forwards(model)
-    try:
-        rest = model.generate(input_ids=torch.cat([full[:, :1], known], dim=1), cache=first.cache, **options)
-    finally:
-        handle.remove()
-    assert torch.equal(rest, full)
-    # The cache already holds the class token and the k tokens but the newest: the first step runs that one only.
-    assert len(calls) == L - k and calls[0][1] == 1
-    # More known tokens after the cached ones are read together in the first step.
-    more = model.generate(class_labels=LABELS, max_new_tokens=k, return_dict_in_generate=True,
-                          **({"cache": StaticCache(config=model.config, max_cache_len=2 + L)} if cache == "static" else {}),
-                          **options)  # fmt: skip
-    known = in_generation_order(full[:, 1:], orders)[:, : k + 3]
-    calls, handle = count_forwards(model)
-    try:
-        rest = model.generate(input_ids=torch.cat([full[:, :1], known], dim=1), cache=more.cache, **options)
-    finally:
-        handle.remove()
-    assert torch.equal(rest, full)
-    assert len(calls) == L - k - 3 and calls[0][1] == 4
+    for extra in (0, 3):  # continue from the cached tokens alone, or with more known tokens after them
+        kwargs = {
+            "dynamic": {"cache_implementation": "dynamic"}, "static": {},
+            "user-static": {"cache": StaticCache(config=model.config, max_cache_len=2 + L)},
+        }[cache]  # fmt: skip
+        first = model.generate(class_labels=LABELS, max_new_tokens=k, return_dict_in_generate=True, **kwargs, **options)
+        assert type(first.cache).__name__ == ("DynamicCache" if cache == "dynamic" else "StaticCache")
+        # sequences come back in raster order (-1 where not generated): continue from them in generation order
+        cached = in_generation_order(first.sequences[:, 1:], orders)[:, :k]
+        assert bool((cached >= 0).all()) and torch.equal(cached, in_generation_order(full[:, 1:], orders)[:, :k])
+        known = in_generation_order(full[:, 1:], orders)[:, : k + extra]
+        with forward_calls(model) as calls:
+            rest = model.generate(input_ids=torch.cat([full[:, :1], known], dim=1), cache=first.cache, **options)
+        assert torch.equal(rest, full)
+        # The cache holds the class token and the k tokens but the newest (not run yet): the first step reads that one
+        # and the extra known tokens together.
+        assert len(calls) == L - k - extra and calls[0][1] == 1 + extra
 
 
 def test_a_whole_image_as_prefix_is_returned_without_running_the_model(model):
     full = model.generate(class_labels=LABELS, do_sample=False)
-    calls, handle = count_forwards(model)
-    try:
+    orders = random_orders(len(LABELS))
+    with forward_calls(model) as calls:
         assert torch.equal(model.generate(input_ids=full.clone(), do_sample=False), full)
-        orders = random_orders(len(LABELS))
-        assert torch.equal(model.generate(input_ids=torch.cat([full[:, :1], full[:, 1:].gather(1, orders)], 1), orders=orders), full)
-    finally:
-        handle.remove()
+        in_order = torch.cat([full[:, :1], full[:, 1:].gather(1, orders)], dim=1)
+        assert torch.equal(model.generate(input_ids=in_order, orders=orders), full)
     assert calls == []
 
 
@@ -133,10 +124,6 @@ def test_a_whole_image_as_prefix_is_returned_without_running_the_model(model):
 )
 def test_bad_prefixes_fail_with_one_line_before_any_compute(model, make, message):
     full = model.generate(class_labels=LABELS, do_sample=False)
-    calls, handle = count_forwards(model)
-    try:
-        with pytest.raises(ValueError, match=message) as error:
-            model.generate(input_ids=make(full), do_sample=False, guidance_scale=3.0)
-    finally:
-        handle.remove()
+    with forward_calls(model) as calls, pytest.raises(ValueError, match=message) as error:
+        model.generate(input_ids=make(full), do_sample=False, guidance_scale=3.0)
     assert calls == [] and "\n" not in str(error.value)

@@ -2,6 +2,7 @@
 and generates the rest after them, for any mix of masks in a batch."""
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -364,3 +365,32 @@ def test_generate_command_refuses_bad_inpainting_files_before_loading(tmp_path, 
     paths = dict(image=image_path, mask=mask_path, missing=tmp_path / "nope.png", text=tmp_path / "notes.png")
     code, _, err = run_cli(["generate", *[flag.format(**paths) for flag in flags], "--output_path", str(tmp_path / "g.png")], capsys)
     assert_one_line_error(code, err, message.format(**paths), prog="rar-hf generate")
+
+
+# ------------------------------------------------------------------------------------------------ scripts
+def test_the_readme_picture_script(tmp_path):
+    import runpy
+
+    script = runpy.run_path(str(Path(__file__).resolve().parents[1] / "examples" / "inpaint_digits.py"))
+    output = tmp_path / "picture.png"
+    script["main"](script["parse_args"](["--output_path", str(output)]))
+    picture = Image.open(output)
+    # one labelled row per example (64 px cells, 4 px gaps): input, mask, three completions
+    assert picture.height == len(script["ROWS"]) * (64 + 4) + 4 and picture.width > 5 * (64 + 4)
+
+
+def test_the_inpainting_benchmark_counts_half_the_steps_for_half_an_image(capsys):
+    import runpy
+
+    bench = runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks" / "inpainting.py"))
+    args = bench["parse_args"](["--num_images", "12", "--seeds", "1", "--repeats", "1", "--speed_batch_sizes", "3"])
+    summary, records = bench["main"](args)
+    settings = [entry["setting"] for entry in summary]
+    for kind in bench["MASK_KINDS"]:
+        assert f"{kind}: completed, true label" in settings and f"{kind}: completed, wrong label" in settings
+    assert all(0 <= entry["accuracy"][0] <= 1 for entry in summary)
+    forwards = {record["setting"]: record["forwards"] for record in records}
+    assert forwards["full image (no mask)"] == 64
+    assert forwards["bottom half (raster prefix)"] == forwards["random half (32 tokens per row)"] == 32
+    assert 16 <= forwards["random masks, 16-48 kept per row"] <= 48
+    assert "| 3 | bottom half (raster prefix) | 32 |" in capsys.readouterr().out
