@@ -680,12 +680,14 @@ class RARPipeline(DiffusionPipeline):
         more emits its remaining kept tokens one decoding step each, forced by a [`KeptTokensLogitsProcessor`] (its
         scores are `-inf` except at the kept token), while the other rows sample: exact for any mix of masks, at the
         cost of one step per extra kept token. `pipe.num_timesteps` is the number of steps the call runs
-        (`image_seq_len` minus the tokens every row keeps). With a `generator`, the token drawn at each step is the
-        one a full generation with that generator draws at that step (the draws of the kept steps are skipped), so a
-        row depends only on its own generator (with a list), image and mask, whatever else is in the batch. The
-        returned images are decoded from the tokens, so the kept region is the tokenizer's reconstruction of `image`
-        rather than its pixels (as diffusers' inpainting pipelines return the VAE's decode; paste the original back
-        with `pipe.image_processor.apply_overlay(mask, image, result)` if you need it). `callback_on_step_end` then
+        (`image_seq_len` minus the tokens every row keeps). With a `generator` (and without speculative decoding,
+        which draws differently), the token drawn at each step is the one a full generation with that generator
+        draws at that step (the draws a full generation makes for the kept steps are drawn and discarded), so a row
+        depends only on its own generator (with a list), image and mask, whatever else is in the batch (up to
+        floating-point differences between batch layouts). The returned images are decoded from the tokens, so the
+        kept region is the tokenizer's reconstruction of `image` rather than its pixels (as diffusers' inpainting
+        pipelines return the VAE's decode; paste the original back with
+        `pipe.image_processor.apply_overlay(mask, image, result)` if you need it). `callback_on_step_end` then
         sees (and may return) the whole raster grid `(batch, image_seq_len)`: the kept tokens from the start, `-1`
         where nothing is generated yet, which [`decode_partial`] shows. A model whose target-aware position embedding
         is folded (`config.target_aware_position_embedding_folded`) runs raster order only, so its masks may only keep
