@@ -383,7 +383,7 @@ def test_the_inpainting_benchmark_counts_half_the_steps_for_half_an_image(capsys
     import runpy
 
     bench = runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks" / "inpainting.py"))
-    args = bench["parse_args"](["--num_images", "12", "--seeds", "1", "--repeats", "1", "--speed_batch_sizes", "3"])
+    args = bench["parse_args"](["--num_images", "6", "--seeds", "1", "--repeats", "1", "--speed_batch_sizes", "3"])
     summary, records = bench["main"](args)
     settings = [entry["setting"] for entry in summary]
     for kind in bench["MASK_KINDS"]:
