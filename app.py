@@ -153,32 +153,144 @@ def build_demo(pipe: RARPipeline, title: str = "RAR") -> gr.Blocks:
     defaults = pipe.transformer.generation_config
     with gr.Blocks(title=title, **({} if STYLE_IN_LAUNCH else STYLE)) as demo:
         gr.Markdown(f"# {title}\nClass-conditional image generation with RAR, one image token at a time.")
+        with gr.Tab("Generate", elem_id="generate-tab"):
+            with gr.Row():
+                with gr.Column(scale=1):
+                    # Typed text that is not an entry goes to the pipeline as is (another synonym of a class name,
+                    # "none"); a name it does not know gets its error, which suggests close names.
+                    class_picker = gr.Dropdown(
+                        choices, value=choices[0][1], label="Class (type to search)", allow_custom_value=True,
+                        elem_id="class-picker",
+                    )
+                    num_images = gr.Slider(
+                        1, MAX_IMAGES, value=4, step=1, label="Number of images", elem_id="num-images"
+                    )
+                    guidance_scale = gr.Slider(
+                        1.0, 10.0, value=defaults.guidance_scale, step=0.1, label="Guidance scale", elem_id="guidance"
+                    )
+                    temperature = gr.Slider(
+                        0.1, 2.0, value=defaults.temperature, step=0.01, label="Temperature", elem_id="temperature"
+                    )
+                    seed = gr.Number(value=0, precision=0, label="Seed", elem_id="seed")
+                    button = gr.Button("Generate", variant="primary", elem_id="generate")
+                with gr.Column(scale=2):
+                    gallery = gr.Gallery(label="Images", columns=4, elem_id="gallery", **GALLERY_KWARGS)
+                    status = gr.Markdown(elem_id="status")
+            # "minimal": the queue position and the timer in a corner, never an overlay over the images.
+            button.click(
+                generate, [class_picker, num_images, guidance_scale, temperature, seed], [gallery, status],
+                show_progress="minimal",
+            )
+        inpainting_tab(pipe)
+    return demo
+
+
+# ------------------------------------------------------------------------------------------------ inpainting tab
+INPAINT_HELP = (
+    "Upload an image, or make one of a class, then paint over the part to regenerate: the painted tokens are generated "
+    "anew for the class you pick, the rest of the image is kept (a token is regenerated when any pixel of its patch is "
+    "painted). The completions are exactly `pipe(class, image=image, mask_image=mask, num_images_per_prompt=n, "
+    "guidance_scale=g, generator=torch.Generator().manual_seed(seed))` with the painted strokes as the white mask."
+)
+
+
+# The "what the model keeps" view is scaled up (nearest) by a whole factor to at least this many pixels.
+KEPT_VIEW_SIZE = 256
+
+
+def editor_image_and_mask(value) -> tuple:
+    """The image and the mask of a `gr.ImageEditor` value: its background, and white wherever a layer holds paint (the
+    layers are the size of the canvas, which the pipeline resizes like any mask)."""
+    import numpy as np
+    from PIL import Image
+
+    background = (value or {}).get("background")
+    if background is None:
+        raise gr.Error("Upload an image (or make one with the button) first, then paint over the part to regenerate.")
+    layers = [layer for layer in (value.get("layers") or []) if layer is not None]
+    size = layers[0].size if layers else background.size
+    painted = np.zeros(size[::-1], dtype=bool)
+    for layer in layers:
+        painted |= np.asarray(layer.convert("RGBA").resize(size, Image.Resampling.NEAREST))[..., 3] > 0
+    if not painted.any():
+        raise gr.Error("Paint over the part of the image to regenerate first (nothing is painted).")
+    return background.convert("RGB"), Image.fromarray(painted.astype(np.uint8) * 255)
+
+
+def inpaint_images(pipe: RARPipeline, value, class_index, num_images, guidance_scale, seed):
+    """`(kept, completions, status)`: what the model keeps of the image (its kept tokens decoded, mid-gray where
+    regenerated, scaled up to `KEPT_VIEW_SIZE`), the completions, and a line saying what was done."""
+    from PIL import Image
+
+    if class_index is None:
+        raise gr.Error("Pick a class first.")
+    if seed is None or seed < 0 or seed != int(seed):
+        raise gr.Error(f"The seed must be a whole number >= 0, got {seed}.")
+    image, mask = editor_image_and_mask(value)
+    class_id, num_images, seed = int(class_index), int(num_images), int(seed)
+    try:
+        output = pipe(
+            class_id, image=image, mask_image=mask, num_images_per_prompt=num_images,
+            guidance_scale=float(guidance_scale), generator=torch.Generator().manual_seed(seed),
+        )  # fmt: skip
+    except (TypeError, ValueError) as error:
+        raise gr.Error(f"Inpainting failed: {error}")
+    keep = pipe.prepare_mask(mask)[1]
+    codes = pipe.vqvae.encode(pipe.prepare_image(image).to(pipe.vqvae.device, pipe.vqvae.dtype)).indices
+    kept = pipe.decode_partial(torch.where(keep.to(codes.device), codes, -1))[0]
+    zoom = max(1, KEPT_VIEW_SIZE // max(kept.size))  # shown large, in whole pixels
+    kept = kept.resize((kept.width * zoom, kept.height * zoom), Image.Resampling.NEAREST)
+    regenerated, total = int((~keep).sum()), keep.shape[1]
+    name = pipe.id2label[class_id]
+    status = (f"Done: regenerated {regenerated} of {total} tokens, {num_images} completion(s) of class {class_id} "
+              f"({name}), seed {seed}.")  # fmt: skip
+    return kept, output.images, status
+
+
+def start_image(pipe: RARPipeline, class_index, seed):
+    """An image of the class to paint on: `pipe(class, generator=torch.Generator().manual_seed(seed))`, at the model's
+    size (the editor zooms in on small images)."""
+    if class_index is None:
+        raise gr.Error("Pick a class first.")
+    seed = 0 if seed is None or seed < 0 else int(seed)
+    return pipe(int(class_index), generator=torch.Generator().manual_seed(seed)).images[0]
+
+
+def inpainting_tab(pipe: RARPipeline):
+    """The "Inpaint" tab (built inside the demo's Blocks): paint a mask on an uploaded or generated image and complete
+    it with the pipeline (`pipe(..., image=, mask_image=)`)."""
+    choices = [(f"{i}: {pipe.id2label[i]}", i) for i in range(len(pipe.id2label))]
+    defaults = pipe.transformer.generation_config
+    with gr.Tab("Inpaint", elem_id="inpaint-tab"):
+        gr.HTML("<style>#inpaint-gallery img, #inpaint-kept img { image-rendering: pixelated; }</style>")
+        gr.Markdown(INPAINT_HELP)
         with gr.Row():
             with gr.Column(scale=1):
-                # Typed text that is not an entry goes to the pipeline as is (another synonym of a class name,
-                # "none"); a name it does not know gets its error, which suggests close names.
-                class_picker = gr.Dropdown(
-                    choices, value=choices[0][1], label="Class (type to search)", allow_custom_value=True,
-                    elem_id="class-picker",
-                )
-                num_images = gr.Slider(1, MAX_IMAGES, value=4, step=1, label="Number of images", elem_id="num-images")
+                editor = gr.ImageEditor(
+                    type="pil", label="Image: paint over the part to regenerate", sources=["upload", "clipboard"],
+                    # about a token wide on an image of the model's size (the "Brush Size" control changes it)
+                    brush=gr.Brush(default_size=max(2, pipe.image_size[0] // 8), colors=["#ff00ff"], color_mode="fixed"),
+                    layers=False, transforms=(),
+                    elem_id="inpaint-editor", **GALLERY_KWARGS,
+                )  # fmt: skip
+                class_picker = gr.Dropdown(choices, value=0, label="Class", elem_id="inpaint-class")
+                make = gr.Button("Make an image of this class", elem_id="inpaint-make")
+                num_images = gr.Slider(1, MAX_IMAGES, value=3, step=1, label="Completions", elem_id="inpaint-num-images")
                 guidance_scale = gr.Slider(
-                    1.0, 10.0, value=defaults.guidance_scale, step=0.1, label="Guidance scale", elem_id="guidance"
+                    1.0, 10.0, value=defaults.guidance_scale, step=0.1, label="Guidance scale", elem_id="inpaint-guidance"
                 )
-                temperature = gr.Slider(
-                    0.1, 2.0, value=defaults.temperature, step=0.01, label="Temperature", elem_id="temperature"
-                )
-                seed = gr.Number(value=0, precision=0, label="Seed", elem_id="seed")
-                button = gr.Button("Generate", variant="primary", elem_id="generate")
+                seed = gr.Number(value=0, precision=0, label="Seed", elem_id="inpaint-seed")
+                button = gr.Button("Inpaint", variant="primary", elem_id="inpaint")
             with gr.Column(scale=2):
-                gallery = gr.Gallery(label="Images", columns=4, elem_id="gallery", **GALLERY_KWARGS)
-                status = gr.Markdown(elem_id="status")
-        # "minimal": the queue position and the timer in a corner, never an overlay over the images.
+                kept = gr.Image(label="What the model keeps (gray: regenerated)", type="pil", interactive=False,
+                                elem_id="inpaint-kept", **GALLERY_KWARGS)  # fmt: skip
+                gallery = gr.Gallery(label="Completions", columns=4, elem_id="inpaint-gallery", **GALLERY_KWARGS)
+                status = gr.Markdown(elem_id="inpaint-status")
+        make.click(lambda c, s: start_image(pipe, c, s), [class_picker, seed], [editor])
         button.click(
-            generate, [class_picker, num_images, guidance_scale, temperature, seed], [gallery, status],
-            show_progress="minimal",
-        )
-    return demo
+            lambda v, c, n, g, s: inpaint_images(pipe, v, c, n, g, s),
+            [editor, class_picker, num_images, guidance_scale, seed], [kept, gallery, status],
+        )  # fmt: skip
 
 
 def parse_args(argv=None):

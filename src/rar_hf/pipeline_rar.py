@@ -7,14 +7,25 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
+import PIL.Image
 import torch
+import torch.nn.functional as F
 from diffusers import DiffusionPipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.image_processor import PipelineImageInput, VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils import deprecate
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from .cpu_kernels import cpu_fast_paths, disable_cpu_fast_paths, enable_cpu_fast_paths
-from .generation_rar import RARStepCallback, active_guidance_processors, check_sampling_arguments, is_unconditional
+from .generation_rar import (
+    RARStepCallback,
+    active_guidance_processors,
+    check_sampling_arguments,
+    is_unconditional,
+    uniform_draws,
+)
 from .modeling_maskgit_vqgan import MaskGITVQModel
 from .modeling_rar import RARForImageGeneration
 
@@ -51,6 +62,153 @@ class RARPipelineOutput(ImagePipelineOutput):
 def _imagenet_id2label() -> dict[int, str]:
     text = resources.files("rar_hf").joinpath("imagenet_id2label.json").read_text(encoding="utf-8")
     return {int(k): v for k, v in json.loads(text).items()}
+
+
+class KeptTokensLogitsProcessor(LogitsProcessor):
+    r"""
+    Makes row `r` emit `tokens[r, s]` at every step `s < counts[r]`: the kept tokens of an inpainting batch whose rows
+    keep different numbers of tokens.
+
+    [`RARPipeline`] reads the kept tokens that every row has as one prefix (one forward pass); the rows that keep more
+    emit the rest of theirs through this processor, one decoding step each, while the other rows already sample. The
+    scores of a forced row are `-inf` except at its kept token, so greedy decoding, seeded sampling (the draw is an
+    argmax over the scores plus noise), top-k/p and speculative acceptance all emit exactly that token.
+
+    Args:
+        tokens (`torch.LongTensor` of shape `(batch, n)`): each row's tokens in generation order (the first
+            `counts[r]` are read).
+        counts (`torch.LongTensor` of shape `(batch,)`): kept tokens per row.
+        prompt_length (`int`, defaults to 1): entries of `input_ids` before the first image token (the class token).
+    """
+
+    def __init__(self, tokens: torch.LongTensor, counts: torch.LongTensor, prompt_length: int = 1):
+        self.tokens = tokens
+        self.counts = counts.to(tokens.device)
+        self.last_forced_step = int(counts.max()) - 1  # a Python int: no host synchronisation per step
+        self.prompt_length = prompt_length
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        step = input_ids.shape[1] - self.prompt_length  # the index of the token being chosen, in generation order
+        if step > self.last_forced_step:
+            return scores
+        forced = torch.full_like(scores, -float("inf"))
+        forced.scatter_(1, self.tokens[:, step : step + 1].to(scores.device), 0.0)
+        return torch.where((self.counts > step)[:, None].to(scores.device), forced, scores)
+
+
+@dataclass
+class InpaintingPlan:
+    r"""
+    What an inpainting call keeps and in which order it generates the rest (built by
+    [`RARPipeline.prepare_inpainting`]).
+
+    Args:
+        keep (`torch.BoolTensor` of shape `(batch, image_seq_len)`): raster positions whose token is kept.
+        codes (`torch.LongTensor` of shape `(batch, image_seq_len)`): the VQ codes of each row's image, raster order.
+        orders (`torch.LongTensor` of shape `(batch, image_seq_len)`): the generation order of each row: its kept
+            positions first, then the regenerated ones (each group in the order of the call's `orders`, raster by
+            default).
+        raster (`bool`): whether `orders` is raster order for every row (then `generate()` gets `orders=None`, which
+            a model with a folded target-aware position embedding needs).
+    """
+
+    keep: torch.BoolTensor
+    codes: torch.LongTensor
+    orders: torch.LongTensor
+    raster: bool
+
+    @property
+    def counts(self) -> torch.LongTensor:
+        """Kept tokens per row."""
+        return self.keep.sum(dim=1)
+
+    @property
+    def common(self) -> int:
+        """Kept tokens every row has: the prefix read in one forward pass."""
+        return int(self.counts.min())
+
+    @property
+    def grid(self) -> torch.LongTensor:
+        """`(batch, image_seq_len)` raster grid of the kept codes, `-1` where a token is regenerated."""
+        return torch.where(self.keep, self.codes, -1)
+
+    def tokens_in_order(self) -> torch.LongTensor:
+        """The codes in generation order (the kept ones are the first `counts[r]` of row `r`)."""
+        return self.codes.gather(1, self.orders)
+
+    def to_grid(self, tokens: torch.LongTensor) -> torch.LongTensor:
+        """Tokens `(batch, n)` in generation order -> the raster grid: the kept codes, the `n` tokens so far, `-1` at
+        the positions not generated yet."""
+        grid = self.grid.to(tokens.device)
+        return grid.scatter(1, self.orders[:, : tokens.shape[1]].to(tokens.device), tokens)
+
+    def from_grid(self, grid: torch.LongTensor, tokens: torch.LongTensor) -> torch.LongTensor:
+        """A raster grid returned by a step callback -> the `(batch, n)` tokens so far in generation order; only the
+        positions generated so far may differ from [`to_grid`]`(tokens)`."""
+        before = self.to_grid(tokens)
+        if not isinstance(grid, torch.Tensor) or tuple(grid.shape) != tuple(before.shape):
+            shape = tuple(grid.shape) if isinstance(grid, torch.Tensor) else type(grid).__name__
+            raise ValueError(
+                f"callback_on_step_end returned tokens of shape {shape}; when inpainting they are the raster grid "
+                f"{tuple(before.shape)} (batch, image_seq_len), with -1 where nothing is generated yet."
+            )
+        grid = grid.to(before.device)
+        ahead = self.orders[:, tokens.shape[1] :].to(before.device)
+        if not torch.equal(grid.gather(1, ahead), before.gather(1, ahead)):
+            raise ValueError(
+                "callback_on_step_end changed positions that are not generated yet: it may replace the tokens generated "
+                "so far (kept ones included), not the ones to come."
+            )
+        return grid.gather(1, self.orders[:, : tokens.shape[1]].to(before.device))
+
+
+def _image_count_index(count: int, name: str, num_prompts: int, num_images_per_prompt: int) -> torch.LongTensor:
+    """Which of `count` images (or masks) each of the `num_prompts * num_images_per_prompt` rows uses."""
+    batch_size = num_prompts * num_images_per_prompt
+    if count == 1:
+        return torch.zeros(batch_size, dtype=torch.long)
+    if count == batch_size:
+        return torch.arange(batch_size)
+    if count == num_prompts:
+        return torch.arange(num_prompts).repeat_interleave(num_images_per_prompt)
+    raise ValueError(
+        f"Got {count} {name}s for {num_prompts} class label(s) x {num_images_per_prompt} image(s) per prompt: pass "
+        f"one {name}, one per class label ({num_prompts}) or one per generated image ({batch_size})."
+    )
+
+
+def _checked_images(value, name: str, allow_bool: bool = False):
+    """`value` as VaeImageProcessor takes it, after one clear check of what it is (arrays and tensors as floats)."""
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    kinds = (PIL.Image.Image, np.ndarray, torch.Tensor)
+    if not items or not all(isinstance(item, kinds) for item in items) or len({type(item) for item in items}) > 1:
+        raise TypeError(
+            f"{name} must be a PIL image, a numpy array or a torch tensor, or a list of one of these (what diffusers' "
+            f"VaeImageProcessor accepts); got {_describe(value)}. Load a file with diffusers.utils.load_image(path)."
+        )
+    checked = []
+    for item in items:
+        if isinstance(item, (np.ndarray, torch.Tensor)):
+            is_bool = item.dtype in (np.bool_, torch.bool)
+            is_float = item.dtype.kind == "f" if isinstance(item, np.ndarray) else item.is_floating_point()
+            if is_bool and allow_bool:
+                item = item.astype(np.float32) if isinstance(item, np.ndarray) else item.float()
+            elif not is_float:
+                raise ValueError(
+                    f"{name} arrays and tensors hold floats in [0, 1] (as in diffusers' pipelines), got dtype "
+                    f"{item.dtype}{'; or pass a boolean mask' if allow_bool else ''} (e.g. divide uint8 pixels by 255)."
+                )
+            if isinstance(item, torch.Tensor):
+                item = item.detach().cpu().float()
+        checked.append(item)
+    # A single array or tensor goes as it is: VaeImageProcessor reads a 3-d one by its own rules (a batch of masks).
+    return checked if isinstance(value, (list, tuple)) else checked[0]
+
+
+def _describe(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return f"a {type(value).__name__} of {sorted({type(item).__name__ for item in value}) or 'nothing'}"
+    return f"{type(value).__name__} {value!r}"[:120]
 
 
 class RARPipeline(DiffusionPipeline):
@@ -108,6 +266,17 @@ class RARPipeline(DiffusionPipeline):
                 f"vqvae's codebook has {vqvae_codebook}: they come from different tokenizers."
             )
         self.register_modules(transformer=transformer, vqvae=vqvae)
+        # Inpainting inputs are prepared as diffusers' inpainting pipelines prepare theirs: images resized to the model's
+        # size, in [0, 1] (the tokenizer's range, so no normalisation); masks resized, one channel, binarized at 0.5.
+        # The tokenizer takes pixels, never latents: no tensor is taken for latents, whatever its channels.
+        scale_factor = getattr(vqvae, "downsample_factor", 1)
+        self.image_processor = VaeImageProcessor(
+            vae_scale_factor=scale_factor, vae_latent_channels=None, do_normalize=False, do_convert_rgb=True
+        )
+        self.mask_processor = VaeImageProcessor(
+            vae_scale_factor=scale_factor, vae_latent_channels=None, do_normalize=False, do_binarize=True,
+            do_convert_grayscale=True,
+        )  # fmt: skip
         num_classes = transformer.config.num_classes
         if id2label is None:
             id2label = _imagenet_id2label() if num_classes == 1000 else {i: str(i) for i in range(num_classes)}
@@ -266,9 +435,125 @@ class RARPipeline(DiffusionPipeline):
         images = images.cpu().permute(0, 2, 3, 1).float().numpy()
         return self.numpy_to_pil(images) if output_type == "pil" else images
 
-    def _step_callback(self, progress_bar, callback_on_step_end, tensor_inputs):
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """`(height, width)` of the images the pipeline makes and takes (`image=` and `mask_image=` are resized to it):
+        the transformer's token grid times the tokenizer's downsampling factor."""
+        height, width = self.transformer.config.latent_size
+        return height * self.vqvae.downsample_factor, width * self.vqvae.downsample_factor
+
+    def prepare_mask(self, mask_image: PipelineImageInput) -> tuple[torch.Tensor, torch.BoolTensor]:
+        r"""
+        The inpainting mask as [`__call__`] reads it: resized to [`image_size`] (whatever its size), one channel,
+        binarized at 0.5 (diffusers' mask processor), then pooled to the token grid: a token is **regenerated when
+        any pixel of its patch is white** (>= 0.5), kept when all of them are black.
+
+        Args:
+            mask_image: PIL image(s) (converted to grayscale), or float/boolean arrays or tensors in [0, 1] of shape
+                `(H, W)`, `(B, H, W)`, `(B, H, W, 1)` (numpy) or `(B, 1, H, W)` (torch); white (1, `True`) =
+                regenerate, black (0) = keep.
+
+        Returns:
+            `(pixels, keep)`: the binarized masks `(B, 1, height, width)` and `keep` `(B, image_seq_len)`, `True` where
+            the token is kept (raster order).
+        """
+        masks = _checked_images(mask_image, "mask_image", allow_bool=True)
+        for mask in masks if isinstance(masks, list) else [masks]:
+            if isinstance(mask, np.ndarray) and mask.ndim == 3 and mask.shape[-1] in (3, 4):
+                raise ValueError(
+                    f"mask_image has {mask.shape[-1]} channels (shape {mask.shape}); a mask has one: pass a (H, W) or "
+                    "(B, H, W) array, or a PIL image (converted to grayscale)."
+                )
+        pixels = self.mask_processor.preprocess(masks, *self.image_size)
+        if pixels.dim() != 4 or pixels.shape[1] != 1:
+            raise ValueError(
+                f"mask_image must have one channel (white = regenerate): got masks of shape {tuple(pixels.shape)} "
+                "after preparation; pass (H, W), (B, H, W) or (B, 1, H, W) tensors, or PIL images."
+            )
+        factor = self.vqvae.downsample_factor
+        regenerate = F.max_pool2d(pixels.float(), kernel_size=factor, stride=factor) > 0.5
+        return pixels, ~regenerate.flatten(1)
+
+    def prepare_image(self, image: PipelineImageInput) -> torch.Tensor:
+        r"""
+        The images of an inpainting call as the tokenizer takes them: `(B, 3, height, width)` in [0, 1], resized to
+        [`image_size`] with diffusers' `VaeImageProcessor` (PIL images are converted to RGB; arrays and tensors hold
+        floats in [0, 1]; one channel is repeated to three).
+        """
+        images = _checked_images(image, "image")
+        pixels = self.image_processor.preprocess(images, *self.image_size)
+        if pixels.dim() == 4 and pixels.shape[1] == 1:
+            pixels = pixels.expand(-1, 3, -1, -1)
+        if pixels.dim() != 4 or pixels.shape[1] != 3:
+            raise ValueError(
+                f"image must have 3 (RGB) or 1 (grey) channels: got shape {tuple(pixels.shape)} after preparation; "
+                "pass (H, W, C) / (B, H, W, C) arrays or (C, H, W) / (B, C, H, W) tensors."
+            )
+        low, high = float(pixels.min()), float(pixels.max())
+        if low < 0 or high > 1:
+            raise ValueError(f"image values must lie in [0, 1] (as in diffusers' pipelines), got [{low:.4g}, {high:.4g}].")
+        return pixels
+
+    def prepare_inpainting(
+        self, image, mask_image, num_prompts: int, num_images_per_prompt: int = 1, orders=None, generator=None
+    ) -> tuple[torch.Tensor, torch.LongTensor, torch.BoolTensor, torch.LongTensor | None]:
+        r"""
+        Everything an inpainting call checks and prepares before any model runs: the images, the masks, which image
+        and mask each generated image uses, and the generation orders.
+
+        Returns:
+            `(pixels, image_index, keep, orders)`: the prepared images `(N, 3, height, width)`, the image of each of the
+            `num_prompts * num_images_per_prompt` rows, the kept tokens `(batch, image_seq_len)` and the call's
+            resolved generation orders (`None`: raster).
+        """
+        if image is None or mask_image is None:
+            missing = "mask_image" if mask_image is None else "image"
+            raise ValueError(
+                f"Inpainting takes image= and mask_image= together ({missing} is missing): mask_image is white (1) where "
+                "to regenerate and black (0) where to keep image."
+            )
+        pixels = self.prepare_image(image)
+        _, keep = self.prepare_mask(mask_image)
+        image_index = _image_count_index(pixels.shape[0], "image", num_prompts, num_images_per_prompt)
+        keep = keep[_image_count_index(keep.shape[0], "mask", num_prompts, num_images_per_prompt)]
+        transformer = self.transformer
+        batch_size = keep.shape[0]
+        device = self._execution_device
+        if transformer.model.target_aware_position_embedding is None:
+            positions = torch.arange(keep.shape[1])
+            is_prefix = torch.equal(keep, positions[None] < keep.sum(dim=1, keepdim=True))
+            raster_orders = orders is None or (isinstance(orders, str) and orders == "raster")
+            if not is_prefix or not raster_orders:
+                raise ValueError(
+                    "This model's target-aware position embedding was folded into its position embedding for raster "
+                    "order, so it can only continue a raster prefix: the mask may only keep the top rows (and the "
+                    "start of the row after them) and generation runs in raster order (orders=None). "
+                    + ("This mask keeps a token after a regenerated one." if not is_prefix else f"Got orders={orders!r}.")
+                )
+        resolved = transformer._resolve_orders(orders, batch_size, device, generator)
+        if resolved is not None:
+            class_ids = torch.full((batch_size, 1), transformer.config.null_class_id, device=device)
+            transformer.check_inputs(class_ids, resolved)  # shape and permutations, before any compute
+        return pixels, image_index, keep, resolved
+
+    def _inpainting_plan(self, pixels, image_index, keep, orders) -> InpaintingPlan:
+        """Encode the images (the kept tokens are their VQ codes) and order each row's kept positions first."""
+        device = self._execution_device
+        pixels = pixels.to(device=self.vqvae.device, dtype=self.vqvae.dtype)
+        codes = self.vqvae.encode(pixels).indices.to(device)[image_index.to(device)]
+        keep = keep.to(device)
+        length = keep.shape[1]
+        base = orders if orders is not None else torch.arange(length, device=device).expand(keep.shape[0], -1)
+        # A stable partition of each row's order: its kept positions first, then the regenerated ones.
+        regenerated_first = (~keep.gather(1, base)).to(torch.uint8)
+        plan_orders = base.gather(1, torch.sort(regenerated_first, dim=1, stable=True).indices)
+        raster = bool((plan_orders == torch.arange(length, device=device)).all())
+        return InpaintingPlan(keep=keep, codes=codes, orders=plan_orders, raster=raster)
+
+    def _step_callback(self, progress_bar, callback_on_step_end, tensor_inputs, plan: InpaintingPlan | None = None):
         """What runs after every kept token: the progress bar, then `callback_on_step_end` (its returned `latents` or
-        `tokens` replace the tokens so far; a changed `pipe._guidance_scale` re-scales the rest of the schedule)."""
+        `tokens` replace the tokens so far; a changed `pipe._guidance_scale` re-scales the rest of the schedule).
+        When inpainting (`plan`), the callback sees and returns the raster grid of the whole image."""
         done = []
 
         def on_token(index: int, tokens: torch.LongTensor):
@@ -277,17 +562,20 @@ class RARPipeline(DiffusionPipeline):
             if callback_on_step_end is None:
                 return None
             guidance_scale = self._guidance_scale
-            callback_kwargs = {name: tokens.clone() for name in tensor_inputs}
+            shown = tokens if plan is None else plan.to_grid(tokens)
+            callback_kwargs = {name: shown.clone() for name in tensor_inputs}
             outputs = callback_on_step_end(self, len(done) - 1, index, callback_kwargs) or {}
             if self._guidance_scale != guidance_scale:
                 for processor in active_guidance_processors():
                     processor.set_guidance_scale(self._guidance_scale, from_step=index + 1)
             # A returned tensor that differs from the tokens (replaced, or edited in place) is continued from.
             changed = [outputs[name] for name in ("latents", "tokens") if name in outputs]
-            changed = [value for value in changed if value is not None and not torch.equal(value, tokens)]
+            changed = [value for value in changed if value is not None and not torch.equal(value, shown)]
             if len(changed) == 2 and not torch.equal(changed[0], changed[1]):
                 raise ValueError("callback_on_step_end changed `latents` and `tokens` differently: change one of them.")
-            return changed[0] if changed else None
+            if not changed:
+                return None
+            return changed[0] if plan is None else plan.from_grid(changed[0], tokens)
 
         return on_token
 
@@ -295,6 +583,8 @@ class RARPipeline(DiffusionPipeline):
     def __call__(
         self,
         class_labels,
+        image: PipelineImageInput | None = None,
+        mask_image: PipelineImageInput | None = None,
         num_images_per_prompt: int = 1,
         guidance_scale: float | None = None,
         guidance_schedule: str | None = None,
@@ -318,11 +608,23 @@ class RARPipeline(DiffusionPipeline):
         **kwargs,
     ) -> RARPipelineOutput | tuple:
         r"""
-        Generate images of the given classes.
+        Generate images of the given classes, or complete (inpaint) given images.
 
         Args:
             class_labels (`int`, `str`, `None` or a list of them): class ids, class names (see [`get_label_ids`]) or
                 `None` / `-1` / `"none"` / `"unconditional"` for unconditional samples.
+            image (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor` or a list of them, *optional*): images to complete
+                (inpainting, with `mask_image`): anything diffusers' `VaeImageProcessor` takes (arrays and tensors hold
+                floats in [0, 1]), resized to the model's size ([`image_size`]). One image for the whole batch, one per
+                class label, or one per generated image (labels x `num_images_per_prompt`).
+            mask_image (same types as `image`, *optional*): white (1) where to regenerate, black (0) where to keep,
+                as in diffusers' inpainting pipelines: resized to the model's size whatever its own size, converted to
+                one channel and binarized at 0.5. A token is regenerated when **any** pixel of its patch is white (see
+                [`prepare_mask`]); the kept tokens are exactly the VQ codes of `image` (`vqvae.encode`). They come
+                first in the generation order and are read in one forward pass; the regenerated tokens follow, in
+                raster order among themselves, or in the order of `orders` among themselves. A mask that keeps
+                everything returns the image's own codes (nothing is generated); one that keeps nothing is plain
+                generation. Counts as for `image`; rows may keep different tokens (see Inpainting below).
             num_images_per_prompt (`int`, defaults to 1): images per label; the batch holds them label by label
                 (`[a, a, b, b]`), so they tile as one grid row per label. (`num_images_per_label` is a deprecated
                 alias.)
@@ -374,6 +676,23 @@ class RARPipeline(DiffusionPipeline):
         On a CPU the transformer runs on packed linear layers and the CPU decoding attention for the duration of the
         call (see [`enable_cpu_fast_paths`]); it is left unchanged afterwards.
 
+        Inpainting (`image=` and `mask_image=`). The tokens every row keeps are read as one prefix; a row that keeps
+        more emits its remaining kept tokens one decoding step each, forced by a [`KeptTokensLogitsProcessor`] (its
+        scores are `-inf` except at the kept token), while the other rows sample: exact for any mix of masks, at the
+        cost of one step per extra kept token. `pipe.num_timesteps` is the number of steps the call runs
+        (`image_seq_len` minus the tokens every row keeps). With a `generator` (and without speculative decoding,
+        which draws differently), the token drawn at each step is the one a full generation with that generator
+        draws at that step (the draws a full generation makes for the kept steps are drawn and discarded), so a row
+        depends only on its own generator (with a list), image and mask, whatever else is in the batch (up to
+        floating-point differences between batch layouts). The returned images are decoded from the tokens, so the
+        kept region is the tokenizer's reconstruction of `image` rather than its pixels (as diffusers' inpainting
+        pipelines return the VAE's decode; paste the original back with
+        `pipe.image_processor.apply_overlay(mask, image, result)` if you need it). `callback_on_step_end` then
+        sees (and may return) the whole raster grid `(batch, image_seq_len)`: the kept tokens from the start, `-1`
+        where nothing is generated yet, which [`decode_partial`] shows. A model whose target-aware position embedding
+        is folded (`config.target_aware_position_embedding_folded`) runs raster order only, so its masks may only keep
+        a raster prefix (the top rows).
+
         Returns:
             [`RARPipelineOutput`] with `images` and `tokens`, or the tuple `(images, tokens)` if `return_dict` is
             `False`. After an interrupt at step `n - 1`, `tokens` is `(batch, n)`, the tokens generated so far in
@@ -402,6 +721,15 @@ class RARPipeline(DiffusionPipeline):
         ...     return {}
 
         >>> images = pipe(["golden retriever"], callback_on_step_end=preview).images
+        ```
+
+        Inpainting: regenerate the white part of the mask, keep the rest of the image:
+
+        ```py
+        >>> from diffusers.utils import load_image
+
+        >>> image, mask = load_image("dog.png"), load_image("mask.png")  # mask: white = regenerate
+        >>> images = pipe("golden retriever", image=image, mask_image=mask, num_images_per_prompt=3).images
         ```
         """
         num_images_per_label = deprecate(
@@ -439,44 +767,73 @@ class RARPipeline(DiffusionPipeline):
         device = self._execution_device
         transformer = self.transformer
         config = transformer.config
-        self._guidance_scale = transformer.generation_config.guidance_scale if guidance_scale is None else guidance_scale
-        self._num_timesteps = config.image_seq_len
-        self._interrupt = False
         speculative = dict(
             assistant_model=assistant_model, jacobi_window=jacobi_window, num_assistant_tokens=num_assistant_tokens,
             acceptance=acceptance, relax=relax,
         )  # fmt: skip
+        speculative = {name: value for name, value in speculative.items() if value is not None}
+        inpainting = None
+        if image is not None or mask_image is not None:
+            num_prompts = batch_size // num_images_per_prompt
+            inpainting = self.prepare_inpainting(image, mask_image, num_prompts, num_images_per_prompt, orders, generator)
+        self._guidance_scale = transformer.generation_config.guidance_scale if guidance_scale is None else guidance_scale
+        self._interrupt = False
 
-        # 2. Sample the image tokens with the model's generate() (guidance, cache, seeded draws, random orders); the
+        # 2. Inpainting: the kept tokens are the images' VQ codes, first in the generation order.
+        input_ids = transformer.prepare_class_ids(label_ids, device=device)
+        plan, kept_tokens_processor = None, None
+        if inpainting is not None:
+            plan = self._inpainting_plan(*inpainting)
+            orders = None if plan.raster else plan.orders
+            common = plan.common
+            input_ids = torch.cat([input_ids, plan.tokens_in_order()[:, :common]], dim=1)
+            if bool((plan.counts > common).any()):
+                kept_tokens_processor = KeptTokensLogitsProcessor(plan.tokens_in_order(), plan.counts)
+            if generator is not None and not speculative:
+                # The draws of the steps a full generation would have sampled before `common`: each later token is
+                # drawn as that generation draws it (the sampler draws one (batch, vocabulary) uniform per step).
+                for _ in range(common):
+                    uniform_draws((batch_size, config.codebook_size), generator, device)
+        self._num_timesteps = config.image_seq_len - (input_ids.shape[1] - 1)
+
+        # 3. Sample the image tokens with the model's generate() (guidance, cache, seeded draws, random orders); the
         # step callback advances the progress bar and runs callback_on_step_end after every kept token.
-        with self.progress_bar(total=self._num_timesteps) as progress_bar:
-            step_callback = RARStepCallback(
-                self._step_callback(progress_bar, callback_on_step_end, callback_on_step_end_tensor_inputs),
-                config.codebook_size,
-                should_stop=lambda: self._interrupt,
-            )
-            fast_paths = self._cpu_fast_paths == "per-call" and device.type == "cpu"
-            with cpu_fast_paths(transformer, num_rows=2 * batch_size, enabled=fast_paths):
-                sequences = transformer.generate(
-                    input_ids=transformer.prepare_class_ids(label_ids, device=device),
-                    guidance_scale=self._guidance_scale,
-                    guidance_schedule=guidance_schedule,
-                    guidance_scale_pow=guidance_scale_pow,
-                    temperature=temperature,
-                    top_k=top_k,
-                    top_p=top_p,
-                    generator=generator,
-                    orders=orders,
-                    step_callback=step_callback,
-                    do_sample=True,
-                    use_cache=use_cache,
-                    cache_implementation=cache_implementation,
-                    **{name: value for name, value in speculative.items() if value is not None},
+        if self._num_timesteps == 0:  # the masks keep every token: nothing to generate
+            sequences = torch.cat([input_ids[:, :1], plan.codes], dim=1)
+        else:
+            with self.progress_bar(total=self._num_timesteps) as progress_bar:
+                step_callback = RARStepCallback(
+                    self._step_callback(progress_bar, callback_on_step_end, callback_on_step_end_tensor_inputs, plan),
+                    config.codebook_size,
+                    should_stop=lambda: self._interrupt,
                 )
+                fast_paths = self._cpu_fast_paths == "per-call" and device.type == "cpu"
+                with cpu_fast_paths(transformer, num_rows=2 * batch_size, enabled=fast_paths):
+                    sequences = transformer.generate(
+                        input_ids=input_ids,
+                        guidance_scale=self._guidance_scale,
+                        guidance_schedule=guidance_schedule,
+                        guidance_scale_pow=guidance_scale_pow,
+                        temperature=temperature,
+                        top_k=top_k,
+                        top_p=top_p,
+                        generator=generator,
+                        orders=orders,
+                        step_callback=step_callback,
+                        logits_processor=LogitsProcessorList([kept_tokens_processor] if kept_tokens_processor is not None else []),
+                        do_sample=True,
+                        use_cache=use_cache,
+                        cache_implementation=cache_implementation,
+                        **speculative,
+                    )
         tokens = sequences[:, 1:]  # drop the class token; generate returns raster order whatever the order used
+        if plan is not None:  # the whole grid: kept codes, generated tokens, -1 where an interrupt left a hole
+            grid = torch.full_like(plan.codes, -1)
+            grid[:, : tokens.shape[1]] = tokens
+            tokens = torch.where(grid >= 0, grid, plan.grid)
         complete = tokens.shape[1] == config.image_seq_len and bool((tokens >= 0).all())
 
-        # 3. Decode the tokens to pixels in [0, 1].
+        # 4. Decode the tokens to pixels in [0, 1].
         if output_type in ("latent", "tokens"):
             images = tokens
         elif complete:

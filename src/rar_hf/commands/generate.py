@@ -19,6 +19,13 @@ Speculative decoding (the same images in distribution, fewer forward passes; see
     rar-hf generate --jacobi_window 8 --acceptance relaxed --relax 2   # faster, no longer exact
 
 The options reach the pipeline call under the same names (`pipe(..., jacobi_window=8)`).
+
+Inpainting (image completion; see README "Inpainting"): the black part of the mask keeps the image's tokens, the white
+part is generated anew for each class. Both files are resized to the model's size; the mask is read in one channel,
+binarized at 0.5, and a token is regenerated when any pixel of its patch is white. The grid's first row shows the
+input as the model reads it and what it keeps (mid-gray: the regenerated tokens).
+
+    rar-hf generate --image digit.png --mask_image bottom-half.png --class_labels 3 8 --num_images_per_label 4
 """
 
 import re
@@ -86,6 +93,15 @@ def add_arguments(parser):
     parser.add_argument(
         "--output_dir", default=None, help="Also write every image as its own PNG here: {row}_{class}_{index}.png."
     )
+    inpainting = parser.add_argument_group("inpainting (passed to the pipeline call as image= and mask_image=)")
+    inpainting.add_argument(
+        "--image", default=None, help="An image to complete (any size; resized to the model's): its tokens are kept "
+        "where --mask_image is black."
+    )
+    inpainting.add_argument(
+        "--mask_image", default=None, help="The mask of --image: white = regenerate, black = keep (one channel, "
+        "binarized at 0.5; resized to the model's size). A token is regenerated when any pixel of its patch is white."
+    )
     speculative = parser.add_argument_group("speculative decoding (passed to the pipeline call under the same names)")
     speculative.add_argument(
         "--jacobi_window", type=positive_int, default=None, help="Speculative Jacobi decoding guessing this many tokens "
@@ -130,6 +146,24 @@ def check_args(args):
         raise UserError("--relax applies to --acceptance relaxed only (lossless acceptance has no relax factor)")
     if args.relax is not None and args.relax < 1:
         raise UserError(f"--relax must be >= 1 (1 is the lossless rule), got {args.relax}")
+    if (args.image is None) != (args.mask_image is None):
+        given, missing = ("--image", "--mask_image") if args.mask_image is None else ("--mask_image", "--image")
+        raise UserError(f"{given} needs {missing}: inpainting keeps the image where the mask is black")
+    args.inpainting = None
+    if args.image is not None:
+        args.inpainting = {"image": read_image(args.image, "--image"), "mask_image": read_image(args.mask_image, "--mask_image")}
+
+
+def read_image(path, flag: str) -> Image.Image:
+    """The image file of `flag`, decoded (RGB), or one clear line saying why it cannot be read."""
+    from diffusers.utils import load_image
+
+    if not Path(path).is_file():
+        raise UserError(f"{flag} {path}: no such file")
+    try:
+        return load_image(str(path))
+    except (OSError, ValueError) as error:
+        raise UserError(f"{flag} {path} is not an image PIL can read ({error})") from None
 
 
 def label_values(labels: list[str]) -> list[int | str]:
@@ -192,8 +226,10 @@ def main(args):
     print("classes:", ", ".join(f"{i} ({row_name(pipe, i)})" if i is not None else "unconditional" for i in class_ids))
 
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
+    inpainting = args.inpainting or {}
     images = pipe(
         class_labels=class_ids,
+        **inpainting,
         num_images_per_prompt=args.num_images_per_label,
         guidance_scale=args.guidance_scale,
         guidance_schedule=args.guidance_schedule,
@@ -217,6 +253,20 @@ def main(args):
     if args.output_path is not None:
         output_path = Path(args.output_path)
         output_path.parent.mkdir(parents=True, exist_ok=True)
-        labelled_grid(rows, [row_name(pipe, i) for i in class_ids]).save(output_path)
+        names = [row_name(pipe, i) for i in class_ids]
+        if inpainting:
+            rows, names = [inpainting_inputs(pipe, **inpainting), *rows], ["input, kept", *names]
+        labelled_grid(rows, names).save(output_path)
         print(output_path)
+
+
+def inpainting_inputs(pipe, image, mask_image) -> list[Image.Image]:
+    """The input as the pipeline reads it (resized), and what it keeps: the input, mid-gray where tokens are
+    regenerated (a white mask would not show on the grid's white background)."""
+    pixels = pipe.prepare_image(image)
+    height, width = pipe.transformer.config.latent_size
+    keep = pipe.prepare_mask(mask_image)[1].view(1, 1, height, width).float()
+    keep = torch.nn.functional.interpolate(keep, size=pixels.shape[-2:], mode="nearest")
+    kept = pixels * keep + 0.5 * (1 - keep)
+    return pipe.numpy_to_pil(torch.cat([pixels, kept]).permute(0, 2, 3, 1).numpy())
 
