@@ -131,6 +131,9 @@ def inpaint_and_check(driver, pipe, image, class_id):
 def test_inpaint_tab_completes_a_painted_region_in_a_browser(served, browser, pipe, tmp_path):
     wait = WebDriverWait(browser, 60)
     browser.get(served)
+    # The demo opens on its "Generate" tab; the inpainting UI is the sibling tab.
+    tabs = wait.until(lambda d: [b for b in d.find_elements(By.CSS_SELECTOR, "button[role=tab]") if b.text.strip() == "Inpaint"])
+    tabs[0].click()
     editor = wait.until(lambda d: d.find_element(By.ID, "inpaint-editor"))
     _set_number(browser, "#inpaint-num-images input[type=number]", NUM_IMAGES)
     _set_number(browser, "#inpaint-seed input[type=number]", SEED)
