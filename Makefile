@@ -45,8 +45,9 @@ browser:
 test: $(VENV)/.installed browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# Writes outputs/tiny-digits/package; `make tiny-digits INSTALL=1` replaces the shipped default in src/ with it.
 tiny-digits: $(VENV)/.installed
-	PYTHON=$(abspath $(PY)) bash examples/tiny_digits/train_tiny_digits.sh
+	PYTHON=$(abspath $(PY)) INSTALL=$(INSTALL) bash examples/tiny_digits/train_tiny_digits.sh
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/run_all.py

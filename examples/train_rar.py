@@ -7,80 +7,98 @@ Several nodes:       accelerate launch --config_file examples/accelerate_configs
 
 Data comes either pre-tokenised (`--pretokenized_dataset`: parquet / datasets folder / Hub id / official
 `maskgitvq.jsonl`, see examples/pretokenize.py) or as images (`--dataset_name`, optionally `--streaming`) that the
-frozen tokenizer given by `--vqvae` turns into tokens on each process's device. The defaults are the paper's recipe.
+frozen tokenizer given by `--vqvae` turns into tokens on each process's device. The defaults are the paper's recipe,
+its warm-up and annealing in proportion to `--max_train_steps`. A small run on a folder of PNGs (one subfolder per
+class) on a CPU: README.md, "Train your own in 5 minutes".
 """
 
+import contextlib
 import json
 import logging
+import math
+import os
+import shutil
 import time
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+import rar_hf
 from rar_hf import RARConfig, RARForImageGeneration
 from rar_hf.arguments import ArgumentParser, run_script
 from rar_hf.data import RARDataCollator
+from rar_hf.run_folder import RUN_RECORD, RUN_VQVAE, SUMMARY, folder_kind, pipeline_labels
 from rar_hf.training_utils import (
     LOCK_NAME,
+    LossWindow,
     UserInputError,
     check_distributed_launch,
     check_output_dir,
+    checkpoint_step,
     describe_load_error,
+    deterministic_algorithms,
     finish_uploads,
     load_checkpoint,
     load_pretrained,
     prepare_output_dir,
     resolve_checkpoint,
     save_checkpoint,
+    setting_changes,
     truncate_metrics,
 )
 
 logger = get_logger(__name__)
+# The VQ model of the shipped tiny-digits pipeline (32-px images, 8x8 tokens): any image folder can train on it.
+SHIPPED_VQVAE = Path(rar_hf.__file__).resolve().parent / "pretrained" / "tiny-digits" / "vqvae"
 
 
-def parse_args(argv=None):
+# The paper's schedule as fractions of the run: warm-up 62,500 and annealing 125,000 -> 187,500 of 250,000 steps.
+PAPER_SCHEDULE = {"lr_warmup_steps": 0.25, "anneal_start": 0.5, "anneal_end": 0.75}
+
+
+def build_parser() -> ArgumentParser:
     p = ArgumentParser(description=__doc__)
     data = p.add_argument_group("data")
     data.add_argument("--pretokenized_dataset", default=None, help="Pre-tokenised data: folder, parquet glob, Hub id or official .jsonl.")
-    data.add_argument("--dataset_name", default=None, help="Image dataset (Hub id, folder or parquet files) tokenised on the fly with --vqvae.")
+    data.add_argument("--dataset_name", default=None, help="Image dataset (Hub id, folder or parquet files) tokenised on the fly with --vqvae; a folder of data/train/<class>/*.png gives the classes their folder names.")
     data.add_argument("--dataset_split", default="train", help="Split to train on.")
     data.add_argument("--streaming", action="store_true", help="Stream --dataset_name instead of downloading it whole.")
     data.add_argument("--image_column", default="image", help="Image column of --dataset_name ('jpg' for timm/imagenet-1k-wds).")
     data.add_argument("--label_column", default="label", help="Label column ('cls' for timm/imagenet-1k-wds).")
-    data.add_argument("--resolution", type=int, default=256, help="Image size for on-the-fly tokenising (ADM centre crop).")
+    data.add_argument("--resolution", type=int, default=None, help="Image size for on-the-fly tokenising (ADM centre crop); default: the --vqvae model's sample_size, which it must match.")
     data.add_argument("--random_flip", action="store_true", help="Random horizontal flips for on-the-fly tokenising.")
     data.add_argument("--shuffle_buffer_size", type=int, default=10_000, help="Shuffle buffer of streamed datasets.")
-    data.add_argument("--vqvae", default=None, help="MaskGITVQModel folder or Hub id: tokenises images on the fly and is saved with the final pipeline.")
+    data.add_argument("--vqvae", default=None, help="MaskGITVQModel folder or Hub id: tokenises images on the fly, is recorded in --output_dir/vqvae and saved with the final pipeline; default: the run's recorded one on resume, else the tokenizer that --pretokenized_dataset records (when it is on this machine with the same weights), else none (the run then writes a transformer only).")
     data.add_argument("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes.")
 
     model = p.add_argument_group("model")
-    model.add_argument("--model_config", default="rar-b", help="A preset (rar-b, rar-l, rar-xl, rar-xxl) or a config.json path.")
+    model.add_argument("--model_config", default="rar-b", help="A preset (rar-b, rar-l, rar-xl, rar-xxl) or a config.json path; sizes that come from the data (codebook, tokens, classes) may be left out of it.")
     model.add_argument("--pretrained_model", default=None, help="Start from these RARForImageGeneration weights instead of scratch.")
     model.add_argument("--gradient_checkpointing", action="store_true", help="Trade compute for memory.")
     model.add_argument("--scan_order", default="raster", help="Final scan order the annealing converges to (raster, spiral_in, ...).")
     model.add_argument("--class_dropout_prob", type=float, default=0.1, help="Class-label dropout (trains the null class for guidance).")
 
-    optim = p.add_argument_group("optimisation (defaults: the paper's recipe)")
+    optim = p.add_argument_group("optimisation (defaults: the paper's recipe, its schedule in proportion to --max_train_steps)")
     optim.add_argument("--train_batch_size", type=int, default=2048, help="Batch size per process per micro-step (paper: 2048 in total).")
     optim.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-steps per optimizer step.")
     optim.add_argument("--max_train_steps", type=int, default=250_000, help="Optimizer steps.")
     optim.add_argument("--learning_rate", type=float, default=4e-4, help="Peak learning rate.")
     optim.add_argument("--min_learning_rate", type=float, default=1e-5, help="Learning rate at the end of the cosine.")
     optim.add_argument("--lr_scheduler", default="cosine_with_min_lr", help="transformers scheduler name.")
-    optim.add_argument("--lr_warmup_steps", type=int, default=62_500, help="Linear warm-up steps.")
+    optim.add_argument("--lr_warmup_steps", type=int, default=None, help="Linear warm-up steps, at most --max_train_steps; default: 25%% of --max_train_steps (the paper: 62,500 of 250,000).")
     optim.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1.")
     optim.add_argument("--adam_beta2", type=float, default=0.96, help="AdamW beta2.")
     optim.add_argument("--weight_decay", type=float, default=0.03, help="Weight decay (not on norms, biases, embeddings).")
     optim.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping.")
-    optim.add_argument("--anneal_start", type=int, default=125_000, help="Step where the random-order probability starts to fall from 1.")
-    optim.add_argument("--anneal_end", type=int, default=187_500, help="Step where it reaches 0 (pure scan order).")
-    optim.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"], help="Overrides accelerate's config.")
+    optim.add_argument("--anneal_start", type=int, default=None, help="Step where the random-order probability r starts to fall from 1, at most --max_train_steps; default: 50%% of --max_train_steps (the paper: 125,000 of 250,000).")
+    optim.add_argument("--anneal_end", type=int, default=None, help="Step where r reaches 0 (pure scan order), at most --max_train_steps (--anneal_start = --anneal_end = --max_train_steps: random orders only); default: 75%% of --max_train_steps (the paper: 187,500 of 250,000).")
+    optim.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"], help="Overrides accelerate's config; default: accelerate's config.")
     optim.add_argument("--use_ema", action="store_true", help="Keep an EMA of the weights (diffusers EMAModel) and save it.")
     optim.add_argument("--ema_decay", type=float, default=0.9999, help="EMA decay.")
     optim.add_argument("--seed", type=int, default=0, help="Seed of weights, data order, permutations and dropout.")
@@ -88,22 +106,55 @@ def parse_args(argv=None):
     out = p.add_argument_group("outputs")
     out.add_argument("--output_dir", default="rar-output", help="Where checkpoints, metrics.jsonl and the final model go.")
     out.add_argument("--checkpointing_steps", type=int, default=5000, help="Save a resumable checkpoint every N steps.")
-    out.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
-    out.add_argument("--resume_from_checkpoint", default=None, help="A checkpoint folder or 'latest'.")
+    out.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints; default: all.")
+    out.add_argument("--resume_from_checkpoint", default=None, help="A checkpoint folder or 'latest'; default: start a new run.")
+    out.add_argument("--allow_schedule_change", action="store_true", help="Resume although the schedule or optimisation settings differ from the checkpoint's (the new ones apply from the resumed step on).")
     out.add_argument("--overwrite_output_dir", action="store_true", help="Delete what --output_dir holds (another run) and start again.")
     out.add_argument("--report_to", default="tensorboard", help="tensorboard, wandb, all or none.")
     out.add_argument("--logging_steps", type=int, default=50, help="Log every N steps (trackers and metrics.jsonl).")
-    out.add_argument("--validation_steps", type=int, default=None, help="Log a sample grid every N steps (needs --vqvae).")
-    out.add_argument("--validation_class_labels", type=int, nargs="+", default=[207, 360, 387, 974, 88, 979, 417, 279], help="Classes of the sample grid.")
+    out.add_argument("--validation_steps", type=int, default=None, help="Log a sample grid every N steps (needs a VQ model); default: never.")
+    out.add_argument("--validation_class_labels", type=int, nargs="+", default=[207, 360, 387, 974, 88, 979, 417, 279], help="Classes of the sample grid (modulo the class count).")
     out.add_argument("--push_to_hub", action="store_true", help="Upload checkpoints (in the background) and the final model.")
-    out.add_argument("--hub_model_id", default=None, help="Hub repo for --push_to_hub (default: output_dir's name).")
+    out.add_argument("--hub_model_id", default=None, help="Hub repo for --push_to_hub; default: output_dir's name.")
     out.add_argument("--hub_private", action="store_true", help="Create the Hub repo as private.")
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     if (args.pretokenized_dataset is None) == (args.dataset_name is None):
         p.error("give exactly one of --pretokenized_dataset and --dataset_name")
     if args.dataset_name is not None and args.vqvae is None:
         p.error("--dataset_name needs --vqvae to tokenise images on the fly")
     return args
+
+
+def resolve_schedule(args) -> None:
+    """Warm-up and annealing steps in place: the paper's proportions of --max_train_steps where not given; a step
+    past the end of the run is an error (the schedule would not run as asked)."""
+    steps = args.max_train_steps
+    if steps < 1:
+        raise UserInputError(f"--max_train_steps must be at least 1, got {steps}.")
+    for key, fraction in PAPER_SCHEDULE.items():
+        if getattr(args, key) is None:
+            setattr(args, key, int(fraction * steps))
+    if not 0 <= args.lr_warmup_steps <= steps:
+        raise UserInputError(
+            f"--lr_warmup_steps {args.lr_warmup_steps} does not fit in the run (--max_train_steps {steps}): the learning "
+            f"rate would never reach --learning_rate; pass --lr_warmup_steps between 0 and {steps}, or leave it out "
+            f"(25% of the run: {int(0.25 * steps)})."
+        )
+    for key in ("anneal_start", "anneal_end"):
+        value = getattr(args, key)
+        if not 0 <= value <= steps:
+            raise UserInputError(
+                f"--{key} {value} does not fit in the run (--max_train_steps {steps}): the random-order annealing "
+                f"would not happen as asked; pass --anneal_start/--anneal_end between 0 and {steps} (both {steps}: "
+                f"random orders only), or leave them out (50% to 75% of the run: {int(0.5 * steps)} to {int(0.75 * steps)})."
+            )
+    if args.anneal_end < args.anneal_start:
+        raise UserInputError(f"--anneal_end {args.anneal_end} is before --anneal_start {args.anneal_start}.")
 
 
 def load_training_data(args):
@@ -362,19 +413,157 @@ def image_batches(args, dataset, accelerator, collator, batch_size, start_batch,
             raise UserInputError(f"--dataset_name {args.dataset_name} yields fewer than one batch of {batch_size} per process.")
 
 
-def pipeline_labels(model) -> dict | None:
-    """The class names the data gave the model (build_config), for the pipeline; None leaves the pipeline's default."""
-    config = getattr(model, "module", model).config
-    names = {int(k): v for k, v in (config.id2label or {}).items()}
-    if set(names) != set(range(config.num_classes)) or all(v == f"LABEL_{k}" for k, v in names.items()):
-        return None
-    return names
+# --- the VQ model: given, recorded by the run, or the one the pre-tokenised data was made with ---
+
+
+def find_vqvae(args, output_dir: Path, info, resuming: bool):
+    """`(vqvae, where it came from)` or `(None, None)`: --vqvae; else the run's recorded vqvae/ when resuming; else the
+    tokenizer that pretokenize.py recorded for the data, if it is on this machine with the same weights (the shipped
+    tiny-digits VQ model is looked at too); else none. A --vqvae that is not the run's recorded one is refused."""
+    from rar_hf.data import tokenizer_fingerprint
+    from rar_hf.modeling_maskgit_vqgan import MaskGITVQModel
+
+    recorded = output_dir / RUN_VQVAE
+    recorded = recorded if resuming and folder_kind(recorded) == "vqvae" else None
+    if args.vqvae is not None:
+        vqvae = load_pretrained(MaskGITVQModel, args.vqvae, "--vqvae")
+        if recorded is not None and tokenizer_fingerprint(vqvae) != tokenizer_fingerprint(MaskGITVQModel.from_pretrained(recorded)):
+            raise UserInputError(
+                f"--vqvae {args.vqvae} is not the VQ model this run was trained with ({recorded}): leave --vqvae out "
+                "to resume with the recorded one."
+            )
+        return vqvae, args.vqvae
+    if recorded is not None:
+        return MaskGITVQModel.from_pretrained(recorded), str(recorded)
+    made_with = info["tokenizer"] or {}
+    if "weights_sha256" in made_with:
+        wanted = {k: made_with[k] for k in ("config_sha256", "weights_sha256")}
+        for candidate in (made_with.get("name_or_path"), str(SHIPPED_VQVAE)):
+            if candidate and folder_kind(candidate) == "vqvae":
+                vqvae = MaskGITVQModel.from_pretrained(candidate)
+                if tokenizer_fingerprint(vqvae) == wanted:
+                    logger.info("No --vqvae: using %s, the tokenizer %s was made with.", candidate, describe_data(args), main_process_only=True)
+                    return vqvae, candidate
+    logger.warning(
+        "No --vqvae: the run writes a transformer without a VQ model, which cannot decode images; pass --vqvae to "
+        "record one (or copy a MaskGITVQModel folder to %s).", output_dir / RUN_VQVAE, main_process_only=True,
+    )
+    return None, None
+
+
+def resolve_resolution(args, vqvae) -> None:
+    """--resolution for on-the-fly tokenising: the VQ model's sample_size unless given, and never another one."""
+    if vqvae is None or args.dataset_name is None:
+        return
+    native = vqvae.config.sample_size
+    native = native if isinstance(native, int) else (native[0] if native[0] == native[1] else None)
+    if args.resolution is None:
+        if native is None:
+            raise UserInputError(f"--vqvae {args.vqvae} has a non-square sample_size {vqvae.config.sample_size}: pass --resolution.")
+        args.resolution = native
+        logger.info("--resolution %d: the sample_size of --vqvae %s.", native, args.vqvae, main_process_only=True)
+    elif native is not None and args.resolution != native:
+        raise UserInputError(
+            f"--resolution {args.resolution} but --vqvae {args.vqvae} is made for {native}-px images (its sample_size): "
+            f"leave --resolution out or pass --resolution {native}."
+        )
+
+
+def record_vqvae(vqvae, output_dir: Path) -> None:
+    """Save the run's VQ model into output_dir/vqvae (once, atomically), so that its checkpoints can be sampled."""
+    target = output_dir / RUN_VQVAE
+    if vqvae is None or folder_kind(target) == "vqvae":
+        return
+    tmp = output_dir / f".{RUN_VQVAE}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    vqvae.save_pretrained(tmp)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+
+
+# --- what a resume must find unchanged (or be told with --allow_schedule_change) ---
+
+SCHEDULE_KEYS = (
+    "max_train_steps", "lr_warmup_steps", "learning_rate", "min_learning_rate", "lr_scheduler", "anneal_start",
+    "anneal_end", "scan_order", "class_dropout_prob", "weight_decay", "adam_beta1", "adam_beta2", "max_grad_norm",
+    "ema_decay", "train_batch_size", "gradient_accumulation_steps", "seed",
+)  # fmt: skip
+
+
+def run_settings(args, num_processes: int) -> dict:
+    settings = {key: getattr(args, key) for key in SCHEDULE_KEYS}
+    if not args.use_ema:
+        del settings["ema_decay"]
+    return {**settings, "use_ema": args.use_ema, "num_processes": num_processes}
+
+
+def check_schedule(args, checkpoint: Path, settings: dict) -> list[dict]:
+    """The schedule changes recorded so far, plus this resume's if it changes anything (which needs
+    --allow_schedule_change); a refusal names every change."""
+    record_path = checkpoint / RUN_RECORD
+    if not record_path.is_file():
+        logger.warning("%s records no settings (saved by an older version): the schedule cannot be checked.", checkpoint, main_process_only=True)
+        return []
+    record = json.loads(record_path.read_text(encoding="utf-8"))
+    history = list(record.get("schedule_changes", []))
+    changes = setting_changes(record["settings"], settings)
+    if not changes:
+        return history
+    if not args.allow_schedule_change:
+        raise UserInputError(
+            f"resuming {checkpoint} would change the run's settings ({', '.join(changes)}): pass "
+            "--allow_schedule_change to continue with the new ones from this step on, or resume with the old ones."
+        )
+    logger.warning("Settings changed at step %d (--allow_schedule_change): %s.", checkpoint_step(checkpoint), ", ".join(changes), main_process_only=True)
+    return history + [{"step": checkpoint_step(checkpoint), "changes": changes}]
+
+
+def apply_settings(args, optimizer, lr_scheduler, ema) -> None:
+    """Put the current settings into the state a checkpoint restored: the optimizer's param groups (learning rate,
+    weight decay, betas), the scheduler's base rates, the EMA decay. Without a change they hold these already."""
+    for group, decays in zip(optimizer.param_groups, (True, False)):
+        group.update(initial_lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2))
+        group["weight_decay"] = args.weight_decay if decays else 0.0
+    scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)
+    if hasattr(scheduler, "lr_lambdas"):  # transformers' schedules are LambdaLRs, built from the current settings
+        scheduler.base_lrs = [args.learning_rate] * len(optimizer.param_groups)
+        for group, rate in zip(optimizer.param_groups, scheduler.lr_lambdas):
+            group["lr"] = args.learning_rate * rate(scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    if ema is not None:
+        ema.decay = args.ema_decay
+
+
+def checkpoint_writer(accelerator, model, run_record):
+    """What each checkpoint holds beside accelerate's state, so that it can be sampled and resumed with checks:
+    the model's config.json and generation_config.json, and training_run.json (settings, schedule changes)."""
+
+    def write(folder: Path) -> None:
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.config.save_pretrained(folder)
+        unwrapped.generation_config.save_pretrained(folder)
+        (folder / RUN_RECORD).write_text(json.dumps(run_record, indent=2), encoding="utf-8")
+
+    return write
+
+
+def final_outputs_current(output_dir: Path, step: int, vqvae) -> bool:
+    """Whether output_dir holds the final model of `step` (and the pipeline, with a VQ model)."""
+    try:
+        summary = json.loads((output_dir / SUMMARY).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    complete = (output_dir / "transformer" / "model.safetensors").is_file()
+    complete = complete and (vqvae is None or (output_dir / "model_index.json").is_file())
+    return complete and summary.get("global_step") == step
 
 
 def log_validation(accelerator, model, vqvae, args, step):
     from rar_hf.pipeline_rar import RARPipeline
 
-    pipeline = RARPipeline(transformer=accelerator.unwrap_model(model), vqvae=vqvae, id2label=pipeline_labels(model))
+    pipeline = RARPipeline(transformer=accelerator.unwrap_model(model), vqvae=vqvae, id2label=pipeline_labels(accelerator.unwrap_model(model).config))
     pipeline.set_progress_bar_config(disable=True)
     num_classes = pipeline.transformer.config.num_classes
     labels = [c % num_classes for c in args.validation_class_labels]
@@ -400,6 +589,8 @@ def log_validation(accelerator, model, vqvae, args, step):
 def main(args):
     output_dir = Path(args.output_dir)
     check_output_dir(output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
+    resolve_schedule(args)
+    checkpoint = resolve_checkpoint(args.resume_from_checkpoint, output_dir)
     report_to = None if args.report_to == "none" else args.report_to
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -408,8 +599,17 @@ def main(args):
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    set_seed(args.seed)
     check_distributed_launch(accelerator.num_processes)
+    settings = run_settings(args, accelerator.num_processes)
+    schedule_changes = check_schedule(args, checkpoint, settings) if checkpoint is not None else []
+    # Seeded CPU runs are bit-identical only with deterministic kernels (measured no slower here, see the README).
+    deterministic = deterministic_algorithms() if accelerator.device.type == "cpu" else contextlib.nullcontext()
+    with deterministic:
+        train(args, accelerator, output_dir, checkpoint, settings, schedule_changes)
+
+
+def train(args, accelerator, output_dir, checkpoint, settings, schedule_changes):
+    set_seed(args.seed)
     run_lock = prepare_output_dir(accelerator, output_dir, args.overwrite_output_dir)  # noqa: F841 (held until exit)
     hub_repo, pending_uploads = None, []  # pending: background checkpoint uploads (futures)
     if args.push_to_hub and accelerator.is_main_process:
@@ -417,17 +617,18 @@ def main(args):
 
         hub_repo = create_repo(args.hub_model_id or output_dir.name, private=args.hub_private, exist_ok=True).repo_id
 
-    vqvae = None
-    if args.vqvae is not None:
-        from rar_hf.modeling_maskgit_vqgan import MaskGITVQModel
-
-        vqvae = load_pretrained(MaskGITVQModel, args.vqvae, "--vqvae").to(accelerator.device).eval().requires_grad_(False)
     dataset, data_info = load_training_data(args)
+    vqvae, vqvae_source = find_vqvae(args, output_dir, data_info, resuming=checkpoint is not None)
+    resolve_resolution(args, vqvae)
+    if vqvae is not None:
+        vqvae = vqvae.to(accelerator.device).eval().requires_grad_(False)
     if args.pretrained_model is not None:
         model = load_pretrained(RARForImageGeneration, args.pretrained_model, "--pretrained_model")
     else:
         model = RARForImageGeneration(build_config(args, vqvae, data_info))
     check_model_fits_data(args, model.config, vqvae, data_info)
+    if accelerator.is_main_process:
+        record_vqvae(vqvae, output_dir)
     if args.gradient_checkpointing:
         # activation_checkpointing_enable is the name since transformers 5.2x; gradient_checkpointing_enable before.
         getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
@@ -448,18 +649,23 @@ def main(args):
         scheduler_specific_kwargs={"min_lr": args.min_learning_rate} if "min_lr" in args.lr_scheduler else None,
     )
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
-    custom_states = {}
+    loss_window = LossWindow(accelerator.device, accelerator.process_index)
+    custom_states = {"loss_window": loss_window}  # saved as safetensors by save_checkpoint, never pickled
     if ema is not None:
         ema.to(accelerator.device)
-        custom_states["ema"] = ema  # saved as safetensors by save_checkpoint, never pickled
+        custom_states["ema"] = ema
 
     global_step = 0
-    checkpoint = resolve_checkpoint(args.resume_from_checkpoint, output_dir)
     if checkpoint is not None:
-        global_step = load_checkpoint(accelerator, checkpoint, custom_states)
+        global_step = load_checkpoint(accelerator, checkpoint, custom_states, optional=("loss_window",))
+        apply_settings(args, optimizer, lr_scheduler, ema)
         logger.info("Resumed from %s at step %d.", checkpoint, global_step)
     elif args.resume_from_checkpoint:
         logger.info("No checkpoint in %s: starting from scratch.", output_dir)
+    # Where the VQ model came from: a Hub id, or (a path on this machine) the run's own copy.
+    recorded_vqvae = None if vqvae is None else (vqvae_source if not os.path.exists(vqvae_source) else RUN_VQVAE)
+    run_record = {"settings": settings, "schedule_changes": schedule_changes, "vqvae": recorded_vqvae}
+    write_checkpoint_extras = checkpoint_writer(accelerator, model, run_record)
 
     collator = RARDataCollator(
         codebook_size=config.codebook_size,
@@ -487,20 +693,31 @@ def main(args):
         accelerator.init_trackers("rar", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
     metrics = MetricsWriter(output_dir / "metrics.jsonl", accelerator.is_main_process, global_step)
     tokens_per_step = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes * config.image_seq_len
-    logger.info(
-        "Training %.1fM parameters for %d steps, %d processes x %d samples x %d accumulation.",
-        sum(p.numel() for p in model.parameters()) / 1e6,
-        args.max_train_steps,
-        accelerator.num_processes,
-        args.train_batch_size,
-        args.gradient_accumulation_steps,
-    )
+    # A resume at the end writes the final model only when the folder lacks it (a run killed after its last
+    # checkpoint); every process must agree, whatever disk each one sees.
+    finished_before = global_step >= args.max_train_steps
+    write_final = [not (finished_before and final_outputs_current(output_dir, global_step, vqvae))]
+    broadcast_object_list(write_final)
+    if finished_before:
+        done = "writing its final model to" if write_final[0] else "its final model is in"
+        accelerator.print(f"run already at step {global_step} of {args.max_train_steps}; {done} {output_dir}")
+    else:
+        logger.info(
+            "Training %.1fM parameters for %d steps, %d processes x %d samples x %d accumulation.",
+            sum(p.numel() for p in model.parameters()) / 1e6,
+            args.max_train_steps,
+            accelerator.num_processes,
+            args.train_batch_size,
+            args.gradient_accumulation_steps,
+        )
     progress = tqdm(
-        total=args.max_train_steps, initial=global_step, desc="steps", disable=not accelerator.is_local_main_process
+        total=args.max_train_steps,
+        initial=min(global_step, args.max_train_steps),
+        desc="steps",
+        disable=finished_before or not accelerator.is_local_main_process,
     )
     model.train()
-    loss_sum, loss_count, window_start = torch.zeros((), device=accelerator.device), 0, time.perf_counter()
-    window_steps, first_batch_fingerprint = 0, None
+    window_start, window_steps, first_batch_fingerprint = time.perf_counter(), 0, None
     while global_step < args.max_train_steps:
         batch = next(batches)
         if first_batch_fingerprint is None:
@@ -521,8 +738,7 @@ def main(args):
             optimizer.step()
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-        loss_sum += loss.detach()
-        loss_count += 1
+        loss_window.add(loss)
         if not accelerator.sync_gradients:
             continue
 
@@ -532,25 +748,27 @@ def main(args):
         if ema is not None:
             ema.step(model.parameters())
         if global_step % args.logging_steps == 0 or global_step == args.max_train_steps:
-            mean_loss = accelerator.reduce(loss_sum / loss_count, reduction="mean").item()
+            mean_loss = loss_window.mean(accelerator)
             elapsed = time.perf_counter() - window_start
             record = {
                 "step": global_step,
                 "loss": mean_loss,
                 "lr": lr_scheduler.get_last_lr()[0],
                 "randomness_ratio": ratio,  # r of the batch of the step just completed: r(step - 1)
-                "tokens_per_second": tokens_per_step * window_steps / elapsed,
+                "tokens_per_second": tokens_per_step * window_steps / elapsed,  # steps since the last log or resume
                 "skipped_images": skip_counter.count if skip_counter is not None else 0,
             }
             accelerator.log(record, step=global_step)
             metrics.write(record)
             progress.set_postfix(loss=f"{mean_loss:.4f}", r=f"{ratio:.3f}")
-            loss_sum.zero_()
-            loss_count, window_steps, window_start = 0, 0, time.perf_counter()
+            window_steps, window_start = 0, time.perf_counter()
         if global_step % args.checkpointing_steps == 0:
             # The rotation in save_checkpoint may delete a checkpoint that a background upload is still reading.
             finish_uploads(pending_uploads)
-            path = save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit, custom_states)
+            loss_window.gather(accelerator)
+            path = save_checkpoint(
+                accelerator, output_dir, global_step, args.checkpoints_total_limit, custom_states, write_checkpoint_extras
+            )
             if hub_repo is not None:
                 from huggingface_hub import upload_folder
 
@@ -561,13 +779,33 @@ def main(args):
                 log_validation(accelerator, model, vqvae, args, global_step)
     progress.close()
 
+    if write_final[0]:
+        save_final(accelerator, args, model, ema, vqvae, run_record, global_step, first_batch_fingerprint, hub_repo, pending_uploads)
+    # Release the DDP wrapper while its process group is alive: freed at interpreter exit instead, its reducer joins
+    # gloo's worker thread while holding the GIL that thread may need, which hung a 2-process CPU run once.
+    del model
+    accelerator.free_memory()
+    accelerator.end_training()
+
+
+def save_final(accelerator, args, model, ema, vqvae, run_record, global_step, first_batch_fingerprint, hub_repo, pending_uploads):
+    """train_summary.json, the final transformer/ (the EMA weights with --use_ema) and, with a VQ model, the pipeline
+    and its model card; then the Hub upload."""
+    output_dir = Path(args.output_dir)
     # Every rank must end with the same weights and must have seen its own data: record both for inspection.
     checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum()
     checksums = accelerator.gather(checksum[None].to(accelerator.device)).tolist()
-    fingerprints = accelerator.gather(torch.tensor([first_batch_fingerprint], device=accelerator.device)).tolist()
+    fingerprint = float("nan") if first_batch_fingerprint is None else first_batch_fingerprint  # nan: no step run
+    fingerprints = accelerator.gather(torch.tensor([fingerprint], device=accelerator.device)).tolist()
     if accelerator.is_main_process:
-        summary = {"global_step": global_step, "parameter_checksums": checksums, "first_batch_fingerprints": fingerprints}
-        (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        summary = {
+            "global_step": global_step,
+            "weights": "EMA weights" if ema is not None else "trained weights",
+            "parameter_checksums": checksums,
+            "first_batch_fingerprints": [None if math.isnan(f) else f for f in fingerprints],
+            **run_record,
+        }
+        (output_dir / SUMMARY).write_text(json.dumps(summary, indent=2))
         if len(set(checksums)) != 1:
             logger.warning("Parameters differ across processes: %s", checksums)
 
@@ -581,10 +819,12 @@ def main(args):
         if vqvae is not None:
             from rar_hf.pipeline_rar import RARPipeline
 
-            RARPipeline(transformer=final, vqvae=vqvae, id2label=pipeline_labels(final)).save_pretrained(output_dir)
+            RARPipeline(transformer=final, vqvae=vqvae, id2label=pipeline_labels(final.config)).save_pretrained(output_dir)
             from rar_hf.model_card import write_training_model_card
 
-            write_training_model_card(output_dir, final.config, args, global_step, accelerator.num_processes)
+            write_training_model_card(
+                output_dir, final.config, args, global_step, accelerator.num_processes, run_record["schedule_changes"]
+            )
         finish_uploads(pending_uploads)
         if hub_repo is not None:
             from huggingface_hub import upload_folder
@@ -595,11 +835,7 @@ def main(args):
                 ignore_patterns=["checkpoint-*", ".checkpoint-*", "logs/*", LOCK_NAME],
                 commit_message=f"Final model after {global_step} steps",
             )
-    # Release the DDP wrapper while its process group is alive: freed at interpreter exit instead, its reducer joins
-    # gloo's worker thread while holding the GIL that thread may need, which hung a 2-process CPU run once.
-    del model
-    accelerator.free_memory()
-    accelerator.end_training()
+    accelerator.wait_for_everyone()
 
 
 if __name__ == "__main__":

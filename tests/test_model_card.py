@@ -81,3 +81,13 @@ def test_a_users_readme_is_kept(tiny_pipeline, tmp_path, rar_fixture_dir, vqgan_
     tiny_pipeline.save_pretrained(tmp_path / "ours")
     tiny_pipeline.save_pretrained(tmp_path / "ours")
     assert "| classes | 3 |" in (tmp_path / "ours" / "README.md").read_text()
+
+
+def test_the_training_card_states_the_annealing_that_ran():
+    from rar_hf.model_card import describe_annealing
+
+    assert describe_annealing(10, 15, 20, "raster") == "r = 1 until step 10, then linearly to 0 at step 15 (final order: raster)"
+    # A schedule that starts at or after the run's end is not promised: r stayed 1.
+    assert describe_annealing(20, 20, 20, "raster").startswith("r = 1 throughout (random orders only")
+    assert describe_annealing(0, 0, 20, "raster") == "r = 0 throughout (raster order only)"
+    assert describe_annealing(5, 5, 20, "spiral_in") == "r = 1 until step 5, then 0 (spiral_in order)"

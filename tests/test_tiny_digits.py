@@ -52,3 +52,35 @@ def test_generated_digits_are_recognised_as_their_class(pipe):
     predicted = classifier.predict(images_to_digits(images.float()))
     correct = int((predicted == np.array(labels)).sum())
     assert correct >= 7, f"only {correct}/10 generated digits classified as their class: {predicted.tolist()}"
+
+
+def test_packaging_never_replaces_the_shipped_model_unless_told(tmp_path, monkeypatch):
+    import importlib.util
+    import shutil
+
+    from rar_hf.arguments import UserError
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "tiny_digits" / "package_pipeline.py"
+    spec = importlib.util.spec_from_file_location("package_pipeline", script)
+    package = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(package)
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in SHIPPED.rglob("*"))
+    with pytest.raises(UserError, match="is the shipped default model: pass --replace_shipped"):
+        package.main(package.parse_args(["--pipeline", str(SHIPPED), "--output_dir", str(SHIPPED)]))
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in SHIPPED.rglob("*")) == before
+    # Elsewhere (make tiny-digits: outputs/tiny-digits/package) it writes; a run's folder it would delete is refused.
+    package.main(package.parse_args(["--pipeline", str(SHIPPED), "--output_dir", str(tmp_path / "package")]))
+    assert RARPipeline.from_pretrained(tmp_path / "package").get_label_ids(["seven"]) == [7]
+    run = tmp_path / "run"
+    shutil.copytree(tmp_path / "package", run)
+    (run / "checkpoint-5").mkdir()
+    with pytest.raises(UserError, match="is a training run's folder"):
+        package.main(package.parse_args(["--pipeline", str(SHIPPED), "--output_dir", str(run)]))
+    # Told to (make tiny-digits INSTALL=1), it replaces the shipped folder: here a stand-in for it.
+    stand_in = tmp_path / "shipped"
+    shutil.copytree(SHIPPED, stand_in)
+    monkeypatch.setattr(package, "SHIPPED", stand_in.resolve())
+    with pytest.raises(UserError, match="--replace_shipped"):
+        package.main(package.parse_args(["--pipeline", str(tmp_path / "package"), "--output_dir", str(stand_in)]))
+    package.main(package.parse_args(["--pipeline", str(tmp_path / "package"), "--output_dir", str(stand_in), "--replace_shipped"]))
+    assert (stand_in / "model_index.json").is_file()

@@ -217,12 +217,12 @@ def test_a_save_interrupted_at_any_stage_leaves_latest_complete(training_state, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-6"]
 
 
-def test_unloadable_tokenizers_are_one_line_errors_naming_them(tmp_path, monkeypatch):
+def test_unloadable_tokenizers_are_one_line_errors_naming_them(tmp_path):
     from rar_hf.modeling_maskgit_vqgan import MaskGITVQModel
     from rar_hf.training_utils import load_pretrained
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(UserInputError, match="--vqvae nobody/no-such-tokenizer: .*not in the local Hugging Face cache, and HF_HUB_OFFLINE=1 forbids downloading it"):
+    # HF_HUB_OFFLINE=1 in the tests (conftest): a Hub id absent from the cache is refused before from_pretrained.
+    with pytest.raises(UserInputError, match="--vqvae nobody/no-such-tokenizer: no such folder, and as a Hub id it is not in the local Hugging Face cache; offline: set HF_HUB_OFFLINE=0 or pass a local folder"):
         load_pretrained(MaskGITVQModel, "nobody/no-such-tokenizer", "--vqvae")
     MaskGITVQModel(hidden_channels=8, channel_mult=(1, 2), num_res_blocks=1, latent_channels=4, codebook_size=8, norm_num_groups=4).save_pretrained(tmp_path)
     weights = tmp_path / "diffusion_pytorch_model.safetensors"
@@ -230,3 +230,46 @@ def test_unloadable_tokenizers_are_one_line_errors_naming_them(tmp_path, monkeyp
     with pytest.raises(UserInputError, match=f"--vqvae {tmp_path}: cannot load a MaskGITVQModel: .*") as info:
         load_pretrained(MaskGITVQModel, str(tmp_path), "--vqvae")
     assert "\n" not in str(info.value)
+
+
+def test_the_wrong_folder_for_vqvae_says_what_it_is_and_what_to_pass(tmp_path, caplog):
+    from rar_hf import RARConfig, RARForImageGeneration
+    from rar_hf.modeling_maskgit_vqgan import MaskGITVQModel
+    from rar_hf.pipeline_rar import RARPipeline
+    from rar_hf.training_utils import load_pretrained
+
+    config = RARConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, codebook_size=8,
+                       num_classes=2, image_seq_len=4)  # fmt: skip
+    vqvae = MaskGITVQModel(hidden_channels=8, channel_mult=(1, 2), num_res_blocks=1, latent_channels=4, codebook_size=8,
+                           norm_num_groups=4, sample_size=4)  # fmt: skip
+    RARPipeline(transformer=RARForImageGeneration(config), vqvae=vqvae).save_pretrained(tmp_path / "pipe")
+    pipe = tmp_path / "pipe"
+
+    def refusal(path):
+        with pytest.raises(UserInputError) as info:
+            load_pretrained(MaskGITVQModel, str(path), "--vqvae")
+        assert "\n" not in str(info.value)
+        return str(info.value)
+
+    with caplog.at_level("WARNING"):
+        line = refusal(pipe / "transformer")  # used to warn "Defaulting to unsafe serialization" and ask for a .bin
+    assert line == (f"--vqvae {pipe / 'transformer'} is a RAR transformer folder (RARForImageGeneration), not what --vqvae "
+                    "takes: pass a MaskGITVQModel folder (a pipeline's vqvae/ subfolder).")  # fmt: skip
+    assert "unsafe" not in caplog.text
+    assert refusal(pipe) == f"--vqvae {pipe} is a RARPipeline folder: pass its vqvae/ subfolder (--vqvae {pipe / 'vqvae'})."
+    missing = tmp_path / "no" / "such" / "vqvae"
+    assert refusal(missing) == f"--vqvae {missing}: no such folder; pass a MaskGITVQModel folder (a pipeline's vqvae/ subfolder)."
+    assert "Hugging Face cache" not in refusal("./vqgan-typo")
+    (tmp_path / "empty").mkdir()
+    assert "holds no model (no config.json or model_index.json)" in refusal(tmp_path / "empty")
+    assert load_pretrained(MaskGITVQModel, str(pipe / "vqvae"), "--vqvae").config.codebook_size == 8
+    # The generator's flag, the other way round.
+    with pytest.raises(UserInputError, match="--pretrained_model .*pipe is a RARPipeline folder: pass its transformer/ subfolder"):
+        load_pretrained(RARForImageGeneration, str(pipe), "--pretrained_model")
+
+
+def test_deterministic_algorithms_are_restored_after_the_block():
+    assert not torch.are_deterministic_algorithms_enabled()
+    with training_utils.deterministic_algorithms():
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+    assert not torch.are_deterministic_algorithms_enabled()

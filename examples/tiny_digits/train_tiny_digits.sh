@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
 # The shipped default: a tiny MaskGIT-VQGAN + RAR trained on scikit-learn's digits with the project's own scripts.
-#   make tiny-digits                      # writes src/rar_hf/pretrained/tiny-digits (~15 min on 2 CPU cores)
-# Environment: OUT (work folder), PACKAGE_DIR (final pipeline), ANNEAL=annealed|raster (raster: the r = 0 twin that
-# benchmarks/digits_quality.py compares with), PYTHON.
+#   make tiny-digits             # writes outputs/tiny-digits/package (~15 min on 2 CPU cores)
+#   make tiny-digits INSTALL=1   # and replaces the shipped default src/rar_hf/pretrained/tiny-digits with it
+# Environment: OUT (work folder), PACKAGE_DIR (final pipeline), INSTALL=1 (package into the shipped default),
+# ANNEAL=annealed|raster (raster: the r = 0 twin that benchmarks/digits_quality.py compares with), PYTHON.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PYTHON=${PYTHON:-python}
 OUT=${OUT:-outputs/tiny-digits}
-PACKAGE_DIR=${PACKAGE_DIR:-src/rar_hf/pretrained/tiny-digits}
+PACKAGE_DIR=${PACKAGE_DIR:-$OUT/package}
+REPLACE=()
+if [ "${INSTALL:-0}" = 1 ]; then
+  PACKAGE_DIR=src/rar_hf/pretrained/tiny-digits
+  REPLACE=(--replace_shipped)
+fi
 ANNEAL=${ANNEAL:-annealed}
 RAR_STEPS=${RAR_STEPS:-3000}
 SEED=0
@@ -44,5 +50,5 @@ $PYTHON examples/train_rar.py --pretokenized_dataset "$OUT/tokens" --vqvae "$OUT
 
 # 5. Measure it and package it with its model card.
 $PYTHON benchmarks/digits_quality.py --model "$OUT/rar-$ANNEAL" --output_json "$OUT/quality-$ANNEAL.json"
-$PYTHON examples/tiny_digits/package_pipeline.py --pipeline "$OUT/rar-$ANNEAL" --output_dir "$PACKAGE_DIR" \
+$PYTHON examples/tiny_digits/package_pipeline.py --pipeline "$OUT/rar-$ANNEAL" --output_dir "$PACKAGE_DIR" ${REPLACE[@]+"${REPLACE[@]}"} \
   --quality_json "$OUT/quality-$ANNEAL.json" --seconds $(( $(date +%s) - start ))

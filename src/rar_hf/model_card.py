@@ -213,8 +213,28 @@ def _hub_id(value: str | None) -> str | None:
     return None
 
 
-def write_training_model_card(output_dir, config, args, global_step: int, num_processes: int = 1) -> Path:
-    """The card at the end of examples/train_rar.py: data, steps, batch, annealing, final loss, the last sample grid."""
+def describe_annealing(anneal_start: int, anneal_end: int, steps: int, scan_order: str) -> str:
+    """The random-order schedule that a run of `steps` optimizer steps trained with, in words."""
+    if anneal_start >= steps:
+        return f"r = 1 throughout (random orders only; the final {scan_order} order was never trained alone)"
+    if anneal_end == 0:
+        return f"r = 0 throughout ({scan_order} order only)"
+    if anneal_start == anneal_end:
+        return f"r = 1 until step {anneal_start}, then 0 ({scan_order} order)"
+    return f"r = 1 until step {anneal_start}, then linearly to 0 at step {anneal_end} (final order: {scan_order})"
+
+
+def describe_learning_rate(args) -> str:
+    rate = f"{args.learning_rate} after {args.lr_warmup_steps} warm-up steps, then {args.lr_scheduler}"
+    if "min_lr" in args.lr_scheduler:
+        rate += f" to {args.min_learning_rate} at step {args.max_train_steps}"
+    return rate
+
+
+def write_training_model_card(output_dir, config, args, global_step: int, num_processes: int = 1, schedule_changes=()) -> Path:
+    """The card at the end of examples/train_rar.py: data, steps, batch, the learning-rate and annealing schedules
+    that ran (`args` holds the resolved steps; `schedule_changes`: `[{"step", "changes"}]` of resumes that changed
+    them), final loss, the last sample grid."""
     output_dir = Path(output_dir)
     final_loss = None
     metrics = output_dir / "metrics.jsonl"
@@ -231,9 +251,9 @@ def write_training_model_card(output_dir, config, args, global_step: int, num_pr
         "steps": global_step,
         "batch size": f"{batch} ({args.train_batch_size} per process x {args.gradient_accumulation_steps} "
         f"accumulation steps x {num_processes} processes)",
-        "learning rate": f"{args.learning_rate} (warm-up {args.lr_warmup_steps} steps, {args.lr_scheduler})",
-        "random-order annealing": f"r = 1 until step {args.anneal_start}, then linearly to 0 at step "
-        f"{args.anneal_end} (final order: {args.scan_order})",
+        "learning rate": describe_learning_rate(args),
+        "random-order annealing": describe_annealing(args.anneal_start, args.anneal_end, args.max_train_steps, args.scan_order),
+        "schedule changes": "; ".join(f"at step {c['step']}: {', '.join(c['changes'])}" for c in schedule_changes) or None,
         "final loss": f"{final_loss:.4f}" if final_loss is not None else "not logged",
     }
     training = {key: value for key, value in training.items() if value is not None}

@@ -5,12 +5,12 @@ Nothing here unpickles code: custom training state is written as safetensors, an
 accelerate writes (optimizer, scheduler, RNG states) is read with `torch.load(weights_only=True)`.
 """
 
+import contextlib
 import fcntl
 import json
 import logging
 import os
 import random
-import re
 import shutil
 import signal
 from pathlib import Path
@@ -18,12 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .arguments import UserError
+from .arguments import HUB_OFFLINE_HINT, UserError
+from .run_folder import CHECKPOINT_PATTERN, describe_folder, folder_kind, list_checkpoints
 from .weights import torch_load_weights_only
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 LOCK_NAME = ".rar_hf_run.lock"
 # Test hook: "STEP:STAGE" SIGKILLs the process at STAGE of the save of checkpoint-STEP (see save_checkpoint).
 KILL_HOOK_ENV = "RAR_HF_TEST_KILL_DURING_SAVE"
@@ -49,9 +49,50 @@ def describe_load_error(error: BaseException) -> str:
     return " ".join(f"{type(error).__name__}: {error}".split())[:400]
 
 
+# The folder each class loads from, and how to point at it from the folders users mistake for it.
+_EXPECTED_FOLDER = {
+    "MaskGITVQModel": ("vqvae", "a MaskGITVQModel folder (a pipeline's vqvae/ subfolder)"),
+    "RARForImageGeneration": ("transformer", "a RARForImageGeneration folder (a pipeline's transformer/ subfolder)"),
+}
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    return not name.startswith((".", "/", "~")) and name.count("/") <= 1 and not name.endswith("/")
+
+
+def check_model_source(cls, name_or_path, what: str) -> None:
+    """One line for the folders users hand a flag by mistake, before anything is loaded: a missing path, a pipeline
+    root or training run (name its subfolder), the other component's folder, a file or a folder without a model."""
+    if cls.__name__ not in _EXPECTED_FOLDER:
+        return
+    subfolder, expected = _EXPECTED_FOLDER[cls.__name__]
+    name = str(name_or_path)
+    path = Path(name).expanduser()
+    kind = folder_kind(path)
+    if kind == subfolder or (kind == "checkpoint" and subfolder == "transformer"):
+        return
+    if kind == "missing":
+        if not _looks_like_hub_id(name):
+            raise UserInputError(f"{what} {name}: no such folder; pass {expected}.")
+        from huggingface_hub import constants, try_to_load_from_cache
+
+        if constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(name, "config.json"), str):
+            raise UserInputError(
+                f"{what} {name}: no such folder, and as a Hub id it is not in the local Hugging Face cache; "
+                f"{HUB_OFFLINE_HINT}."
+            )
+        return  # a Hub id: from_pretrained fetches it
+    if kind in ("pipeline", "run") and folder_kind(path / subfolder) == subfolder:
+        raise UserInputError(f"{what} {name} {describe_folder(path)}: pass its {subfolder}/ subfolder ({what} {path / subfolder}).")
+    if kind == "checkpoint" and folder_kind(path.parent / subfolder) == subfolder:
+        raise UserInputError(f"{what} {name} {describe_folder(path)}: pass its run's {subfolder}/ subfolder ({what} {path.parent / subfolder}).")
+    raise UserInputError(f"{what} {name} {describe_folder(path)}, not what {what} takes: pass {expected}.")
+
+
 def load_pretrained(cls, name_or_path, what: str, **kwargs):
-    """`cls.from_pretrained(name_or_path)`, with any failure (missing, corrupted, offline) as a one-line
-    `UserInputError` naming `what` (the flag) and the folder or Hub id."""
+    """`cls.from_pretrained(name_or_path)`, with any failure (missing, corrupted, offline, the wrong kind of folder)
+    as a one-line `UserInputError` naming `what` (the flag) and the folder or Hub id."""
+    check_model_source(cls, name_or_path, what)
     try:
         return cls.from_pretrained(name_or_path, **kwargs)
     except Exception as error:
@@ -139,15 +180,6 @@ def prepare_output_dir(accelerator, output_dir, overwrite_output_dir: bool):
     return lock
 
 
-def list_checkpoints(output_dir) -> list[Path]:
-    """Complete `checkpoint-N` folders, oldest first (a save in progress is a hidden `.checkpoint-N.tmp`)."""
-    output_dir = Path(output_dir)
-    if not output_dir.is_dir():
-        return []
-    found = [(int(m.group(1)), d) for d in output_dir.iterdir() if (m := CHECKPOINT_PATTERN.match(d.name))]
-    return [d for _, d in sorted(found)]
-
-
 def checkpoint_step(checkpoint) -> int:
     """The optimizer step a `checkpoint-N` folder was saved at."""
     match = CHECKPOINT_PATTERN.match(Path(checkpoint).name)
@@ -187,9 +219,12 @@ def _discard(path: Path, step: int) -> None:
     shutil.rmtree(hidden)
 
 
-def save_checkpoint(accelerator, output_dir, step: int, total_limit: int | None = None, custom_states=None) -> Path:
-    """`accelerator.save_state` (plus `custom_states`, see `save_custom_states`) into a hidden temporary folder that
-    is renamed to `checkpoint-{step}` once complete. Every process must call it.
+def save_checkpoint(
+    accelerator, output_dir, step: int, total_limit: int | None = None, custom_states=None, write_extra=None
+) -> Path:
+    """`accelerator.save_state` (plus `custom_states`, see `save_custom_states`, and whatever `write_extra(folder)`
+    writes on the main process) into a hidden temporary folder that is renamed to `checkpoint-{step}` once complete.
+    Every process must call it.
 
     A save killed at any point leaves every `checkpoint-N` either complete or absent: replaced and rotated-out
     checkpoints are renamed to hidden folders before they are deleted, and the new one appears by a single rename.
@@ -206,6 +241,8 @@ def save_checkpoint(accelerator, output_dir, step: int, total_limit: int | None 
     _test_kill_point(step, "state")
     if accelerator.is_main_process and custom_states:
         save_custom_states(tmp, custom_states)
+    if accelerator.is_main_process and write_extra is not None:
+        write_extra(tmp)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         _test_kill_point(step, "complete")
@@ -250,18 +287,24 @@ def save_custom_states(folder, states: dict) -> None:
         save_file(tensors, str(Path(folder) / f"{name}.safetensors"), metadata={"rar_hf_state": json.dumps(plain)})
 
 
-def load_custom_states(folder, states: dict, device="cpu") -> None:
-    """Load what `save_custom_states` wrote into each object of `states` (name -> object)."""
+def load_custom_states(folder, states: dict, device="cpu", optional=()) -> None:
+    """Load what `save_custom_states` wrote into each object of `states` (name -> object); the names in `optional`
+    are skipped when their file is absent (state that older checkpoints did not save)."""
     from safetensors import safe_open
 
     for name, obj in states.items():
         path = Path(folder) / f"{name}.safetensors"
+        if not path.is_file() and name in optional:
+            logger.warning("%s holds no %s state (saved by an older version): it starts afresh.", folder, name)
+            continue
         if not path.is_file():
             raise UserInputError(f"{path}: missing from the checkpoint (was it saved without this option?).")
         try:
-            with safe_open(str(path), framework="pt", device=str(device)) as f:
+            # Read on the CPU, then moved: safetensors does not take every device name torch does (e.g. "cpu:0",
+            # what a process of a multi-process CPU run has).
+            with safe_open(str(path), framework="pt", device="cpu") as f:
                 plain = json.loads((f.metadata() or {})["rar_hf_state"])
-                tensors = {key: f.get_tensor(key) for key in f.keys()}
+                tensors = {key: f.get_tensor(key).to(device) for key in f.keys()}
             state = {}
             for key, entry in plain.items():
                 state[key] = [tensors.pop(f"{key}.{i}") for i in range(entry["tensor_list"])] if "tensor_list" in entry else entry["value"]
@@ -312,7 +355,7 @@ def _restore_rng_states(path: Path) -> None:
         raise UserInputError(f"{path}: not a readable RNG state file ({describe_load_error(error)}); the resumed run would not be exact.") from error
 
 
-def load_checkpoint(accelerator, checkpoint, custom_states=None) -> int:
+def load_checkpoint(accelerator, checkpoint, custom_states=None, optional=()) -> int:
     """`accelerator.load_state(checkpoint)` plus `custom_states`; returns the checkpoint's step.
 
     Nothing in the folder can run code: model weights are safetensors, accelerate reads its pickle-format files with
@@ -342,7 +385,7 @@ def load_checkpoint(accelerator, checkpoint, custom_states=None) -> int:
         raise UserInputError(f"{checkpoint}: cannot resume from it ({describe_load_error(error)}).") from error
     _restore_rng_states(rng_file)
     if custom_states:
-        load_custom_states(checkpoint, custom_states, device=accelerator.device)
+        load_custom_states(checkpoint, custom_states, device=accelerator.device, optional=optional)
     return step
 
 
@@ -376,3 +419,66 @@ def finish_uploads(futures: list) -> None:
         except Exception as error:
             logger.warning("A checkpoint upload to the Hub failed (the checkpoint is still on disk): %s", error)
     futures.clear()
+
+
+class LossWindow:
+    """The training loss summed over the steps since the last log, per process; saved with checkpoints (as a custom
+    state) so that the first value logged after a resume averages the same steps as in an uninterrupted run.
+
+    `gather(accelerator)` must run on every process before a checkpoint is saved: the main process saves the sums of
+    all processes, and each process takes its own back on resume.
+    """
+
+    def __init__(self, device, rank: int = 0):
+        self.total = torch.zeros((), device=device)
+        self.count = 0
+        self.rank = rank
+        self._gathered = None
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.total += loss.detach()
+        self.count += 1
+
+    def mean(self, accelerator) -> float:
+        """The mean loss of the window, averaged over processes (every process must call it), and a new window."""
+        value = accelerator.reduce(self.total / self.count, reduction="mean").item()
+        self.total.zero_()
+        self.count = 0
+        return value
+
+    def gather(self, accelerator) -> None:
+        self._gathered = accelerator.gather(self.total.detach()[None])
+
+    def state_dict(self) -> dict:
+        if self._gathered is None:
+            raise RuntimeError("LossWindow.gather must run on every process before its state is saved")
+        return {"totals": self._gathered, "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        totals = state["totals"]
+        if self.rank >= len(totals):
+            raise ValueError(f"the saved loss window holds {len(totals)} processes, not process {self.rank}")
+        self.total = totals[self.rank].to(self.total.device, self.total.dtype).clone()
+        self.count = int(state["count"])
+
+
+def setting_changes(saved: dict, current: dict) -> list[str]:
+    """`--name old -> new` for every setting of `current` whose value differs from `saved` (a key missing there
+    counts as unchanged: a setting that older runs did not record)."""
+    return [f"--{key} {saved[key]} -> {value}" for key, value in current.items() if key in saved and saved[key] != value]
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool = True):
+    """`torch.use_deterministic_algorithms` for the block, restored afterwards (the setting is process-wide).
+
+    On CPU this makes seeded training bit-identical from run to run: the backward of indexing a table by a tensor
+    (RAR's position embeddings, gathered by the scan order) otherwise accumulates in a thread-dependent order.
+    `warn_only`: an op without a deterministic kernel warns rather than stopping a run.
+    """
+    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(enabled, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])

@@ -79,7 +79,12 @@ def resolve_model(model: str) -> str:
 def load_pipeline(model: str, **kwargs):
     """`RARPipeline.from_pretrained` with one-line errors for a missing, corrupted or unreachable model."""
     from ..pipeline_rar import RARPipeline
+    from ..run_folder import is_run_folder, load_run_pipeline
 
+    if is_run_folder(model):  # a training run or checkpoint that is not a pipeline (yet)
+        pipeline, description = load_run_pipeline(model, dtype=kwargs.get("dtype"))
+        print(description)
+        return pipeline
     source = resolve_model(model)
     try:
         return RARPipeline.from_pretrained(source, **kwargs)
