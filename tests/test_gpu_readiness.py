@@ -10,14 +10,18 @@ code does, on the accelerator behaviour of its processors (the non-finite check 
 
 import collections
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import CompileConfig
 
+import rar_hf
 from rar_hf import RARConfig, RARForImageGeneration
 from rar_hf.sampling_rar import RARFiniteLogitsCheck, RARStepCallback
+
+TINY_DIGITS = Path(rar_hf.__file__).parent / "pretrained" / "tiny-digits"  # the shipped, trained pipeline
 
 # Operators that make the host wait for the device on CUDA (a value read back, or an output size known only there).
 SYNC_OPS = {"_local_scalar_dense", "item", "is_nonzero", "equal", "nonzero", "masked_select", "_unique2", "unique_dim",
@@ -154,3 +158,28 @@ def test_compiled_static_decoding_is_one_graph_and_gives_the_plain_greedy_tokens
     assert len(graphs) == 1
     assert torch.equal(fast.sequences, plain.sequences)
     torch.testing.assert_close(torch.stack(fast.scores), torch.stack(plain.scores), rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ pipeline precision
+def test_a_bfloat16_pipeline_decodes_the_float32_images(tmp_path, one_thread):
+    """`RARPipeline.from_pretrained(..., dtype=torch.bfloat16)`: the generator in bfloat16, the tokenizer's codebook
+    and decoder in float32 (`MaskGITVQModel._keep_in_fp32_modules`), so the images are bit for bit the float32 decode
+    of the tokens; the encoder follows the dtype and still encodes (its latents meet the float32 codebook)."""
+    from rar_hf import RARPipeline
+
+    shipped = RARPipeline.from_pretrained(TINY_DIGITS)
+    shipped.save_pretrained(tmp_path)
+    pipe = RARPipeline.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    pipe.set_progress_bar_config(disable=True)
+    vqvae = pipe.vqvae
+    assert pipe.transformer.dtype == torch.bfloat16
+    assert {p.dtype for n, p in vqvae.named_parameters() if n.split(".")[0] in ("quantize", "decoder")} == {torch.float32}
+    assert {p.dtype for n, p in vqvae.named_parameters() if n.startswith("encoder.")} == {torch.bfloat16}
+
+    out = pipe([1, 7], generator=torch.Generator().manual_seed(0), output_type="pt")
+    latent_size = tuple(pipe.transformer.config.latent_size)
+    reference = shipped.vqvae.decode(out.tokens, latent_size=latent_size).sample
+    assert out.images.dtype == torch.float32 and torch.equal(out.images, reference)
+
+    codes = vqvae.encode(reference.to(torch.bfloat16)).indices
+    assert codes.shape == out.tokens.shape and int(codes.min()) >= 0 and int(codes.max()) < vqvae.codebook_size
