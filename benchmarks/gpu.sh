@@ -36,10 +36,11 @@
 # (BEFORE_SRC defaults to .before/src when that folder exists).
 #
 # Results. Everything is written to OUT_DIR: $OUT when set (the device machine brings it back), else a fresh temporary
-# folder for PRESET=tiny, else benchmarks/gpu-run-<time>. results-gpu.md there holds the card, the versions, the
-# tables and the command of every row; a run on a GPU without $OUT also appends it to benchmarks/results-gpu.md (runs
-# are appended, never overwritten). A run on the device machine: append $OUT's results-gpu.md to
-# benchmarks/results-gpu.md by hand, and quote its numbers in benchmarks/README.md.
+# folder for PRESET=tiny, else outputs/gpu-run-<time> (ignored by git). results-gpu.md there holds the card, the
+# versions, the tables and the command of every row (also when the rows are cut short); a run on a GPU without $OUT
+# also appends it to benchmarks/results-gpu.md (runs are appended, never overwritten). After a run on the device
+# machine, append the results-gpu.md it brought back to benchmarks/results-gpu.md, and quote its numbers in
+# benchmarks/README.md.
 #
 # Environment: PRESET (rar-xl), TRAIN_PRESET (rar-b), DEVICE (cuda), BUDGET (420 s for the rows), PYTHON
 # (.venv/bin/python if present, else python3), EXTRA (more arguments for every row), BEFORE_SRC, WHEEL_SITE
@@ -87,7 +88,7 @@ fi
 
 if [[ -n "${OUT:-}" ]]; then OUT_DIR=$OUT
 elif [[ "$PRESET" == "tiny" ]]; then OUT_DIR=$(mktemp -d -t rar-hf-gpu-tiny.XXXXXX)
-else OUT_DIR=benchmarks/gpu-run-$(date -u +%Y%m%dT%H%M%SZ)
+else OUT_DIR=outputs/gpu-run-$(date -u +%Y%m%dT%H%M%SZ)
 fi
 mkdir -p "$OUT_DIR"
 LOG="$OUT_DIR/gpu-run.log"
