@@ -147,8 +147,8 @@ def test_a_row_cut_short_keeps_the_records_it_printed(tmp_path):
     run_one = run_all().run_one
     script = tmp_path / "slow.py"
     script.write_text('import time\nprint(\'{"bench": "x"}\', flush=True)\ntime.sleep(60)\n')
-    records, error = run_one([sys.executable, str(script)], timeout=3)
-    assert records == [{"bench": "x"}] and error.startswith("timeout after 3 s (1 record(s) kept)")
+    records, error = run_one([sys.executable, str(script)], timeout=2)
+    assert records == [{"bench": "x"}] and error.startswith("timeout after 2 s (1 record(s) kept)")
 
 
 def test_gpu_sh_stops_at_once_without_the_pinned_packages(tmp_path):
