@@ -82,7 +82,8 @@ def test_run_all_grids_build(run):
     commands = out.strip().splitlines()
     assert len(commands) >= 10 and all("--json" in c for c in commands)
     assert any("--compile" in c and "--cache static" in c and "rar-xl" in c for c in commands)
-    assert any("train_step.py" in c for c in commands) and any("--impl official" in c for c in commands)
+    assert any("train_step.py" in c for c in commands)
+    assert any("--impl official" in c or "--baseline" in c for c in commands)
     assert len(run(BENCH / "run_all.py", "--dry-run").strip().splitlines()) == 9
     gpu_sh = subprocess.run(["bash", str(BENCH / "gpu.sh"), "--dry-run"], capture_output=True, text=True, env=ENV,
                             cwd=REPO, timeout=120)
@@ -98,3 +99,66 @@ def test_official_sampler_parity(fold, one_thread):
         sys.path.remove(str(BENCH))
     diff, scale, agree = check_parity(tiny_model(fold), 4.0, 2.0, cache_implementation="static")
     assert diff <= 1e-4 * max(1.0, scale) and agree == 1.0
+
+
+# ------------------------------------------------------------------------------------------------ the GPU run (issue 23)
+def test_generate_profiles_decoding_steps_and_times_the_pipeline(run):
+    out = run(BENCH / "generate.py", "--preset", "tiny", "--num_tokens", "3", "--batch_size", "2", "3", "--repeats", "1",
+              "--guidance_scale", "3.0", "--profile", "3", "--threads", "1", "--json")
+    records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert [(r["bench"], r["batch_size"]) for r in records] == [("generate", 2), ("profile", 2), ("generate", 3)]
+    profile = records[1]
+    assert "error" not in profile and profile["steps"] == 3 and profile["wall_ms_per_step"] > 0
+    # every part of a decoding step is named, and the parts add up to the wall time
+    assert {"step inputs + modulations", "logits processors", "stopping criteria", "attention kernel", "cache update",
+            "mlp", "attention: qkv/o projections, q/k norms", "host outside any op (Python)"} <= set(profile["host_ms"])
+    assert abs(sum(profile["host_ms"].values()) - profile["wall_ms_per_step"]) < 0.01 * profile["wall_ms_per_step"] + 0.01
+    assert profile["device_ms"] is None and profile["syncs_per_step"] == 0  # a CPU has neither
+
+    out = run(BENCH / "generate.py", "--preset", "tiny", "--batch_size", "2", "--repeats", "1", "--dtype", "bfloat16",
+              "--pipeline", "--threads", "1", "--json")
+    (record,) = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert record["bench"] == "pipeline" and record["dtype"] == "bfloat16" and record["vq_dtype"] == "float32"
+    assert set(record["split_seconds"]) == {"sampling (generate)", "decoding (float32 VQ)", "conversion to PIL"}
+    assert sum(record["split_seconds"].values()) <= record["seconds"] and record["generate_seconds"] > 0
+
+
+def test_gpu_grid_profiles_older_code_side_by_side(run, tmp_path):
+    (tmp_path / "rar_hf").mkdir()
+    (tmp_path / "rar_hf" / "__init__.py").write_text("")
+    commands = run(BENCH / "run_all.py", "--grid", "gpu", "--before_src", str(tmp_path), "--dry-run").splitlines()
+    before = [c for c in commands if "--label before" in c]
+    assert len(before) == 1 and before[0].startswith(f"PYTHONPATH={tmp_path} ") and "--profile 16" in before[0]
+    assert sum("--profile" in c for c in commands) == 3  # eager and compiled after, eager before
+    with pytest.raises(SystemExit, match="holds no rar_hf package"):
+        run_all().main(["--grid", "gpu", "--before_src", str(tmp_path / "nothing"), "--dry-run"])
+
+
+def run_all():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import run_all as module
+    finally:
+        sys.path.remove(str(BENCH))
+    return module
+
+
+def test_a_row_cut_short_keeps_the_records_it_printed(tmp_path):
+    run_one = run_all().run_one
+    script = tmp_path / "slow.py"
+    script.write_text('import time\nprint(\'{"bench": "x"}\', flush=True)\ntime.sleep(60)\n')
+    records, error = run_one([sys.executable, str(script)], timeout=2)
+    assert records == [{"bench": "x"}] and error.startswith("timeout after 2 s (1 record(s) kept)")
+
+
+def test_gpu_sh_stops_at_once_without_the_pinned_packages(tmp_path):
+    fake = tmp_path / "site" / "transformers"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("__version__ = '4.99.0'\n")
+    env = {**ENV, "PRESET": "tiny", "DEVICE": "cpu", "OUT": str(tmp_path / "out"), "PYTHON": sys.executable,
+           "PYTHONPATH": str(tmp_path / "site")}
+    result = subprocess.run(["bash", str(BENCH / "gpu.sh")], capture_output=True, text=True, env=env, cwd=REPO,
+                            timeout=120)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "FAILED: transformers 5.24.0 is needed, found 4.99.0" in result.stdout + result.stderr
+    assert "pip download" in result.stdout + result.stderr

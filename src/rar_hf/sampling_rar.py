@@ -277,9 +277,10 @@ class RARFiniteLogitsCheck(LogitsProcessor):
     r"""
     Guards sampling against non-finite logits (without it, NaN logits silently become token 0 everywhere).
 
-    It runs first, on the model's raw logits. On a CPU it raises at the first bad step. On an accelerator it only
-    folds a flag on the device (no host synchronisation per step); [`RARGenerationMixin.generate`] calls
-    [`raise_if_non_finite`] after the loop.
+    It runs first, on the model's raw logits, and reduces them to their largest magnitude (NaN and inf propagate
+    through it): three small kernels per step. On a CPU it raises at the first bad step. On an accelerator it only
+    keeps the running largest magnitude on the device (no host synchronisation per step);
+    [`RARGenerationMixin.generate`] calls [`raise_if_non_finite`] after the loop.
 
     Args:
         defer (`bool`, *optional*): force the deferred (`True`) or the immediate (`False`) check; by default
@@ -288,23 +289,23 @@ class RARFiniteLogitsCheck(LogitsProcessor):
 
     def __init__(self, defer: bool | None = None):
         self.defer = defer
-        self.non_finite = None
+        self.largest = None  # deferred: the largest |logit| so far (NaN once any logit was NaN)
 
     def deferred(self, scores: torch.Tensor) -> bool:
         return scores.device.type != "cpu" if self.defer is None else self.defer
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        bad = ~torch.isfinite(scores).all()
+        largest = scores.abs().amax()  # NaN if any logit is NaN, inf if any is infinite
         if not self.deferred(scores):
-            if bad:
+            if not largest < math.inf:
                 step = input_ids.shape[1] - 1
                 raise NonFiniteLogitsError(NON_FINITE_LOGITS_MESSAGE.format(where=f" (image token {step})"))
         else:
-            self.non_finite = bad if self.non_finite is None else self.non_finite | bad
+            self.largest = largest if self.largest is None else torch.maximum(self.largest, largest)
         return scores
 
     def raise_if_non_finite(self):
-        if self.non_finite is not None and bool(self.non_finite):
+        if self.largest is not None and not self.largest < math.inf:
             raise NonFiniteLogitsError(NON_FINITE_LOGITS_MESSAGE.format(where=""))
 
 
@@ -346,10 +347,14 @@ class RARStepCallback(StoppingCriteria):
         self.should_stop = should_stop
         self.prompt_length = prompt_length
         self.rewind_to = None
+        self._answers = {}  # (rows, device, stop) -> the bool tensor returned to generate (never modified there)
 
     def __call__(self, input_ids: torch.LongTensor, scores=None, **kwargs) -> torch.BoolTensor:
         stop = self.after_token(input_ids)
-        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+        key = (input_ids.shape[0], input_ids.device, stop)
+        if key not in self._answers:  # made once per call: no new tensor per step
+            self._answers[key] = torch.full(key[:1], stop, dtype=torch.bool, device=input_ids.device)
+        return self._answers[key]
 
     def after_token(self, input_ids: torch.LongTensor) -> bool:
         """Run the callback for the newest token of `input_ids` (edited in place); whether to stop."""
@@ -393,13 +398,23 @@ class RARModulationCache:
     A row's condition is fixed for the whole sequence and the slots ahead are known, so the modulations of the next
     `chunk_size` slots come from one batched matmul per layer instead of one skinny matmul per layer and step, and
     rows that share a condition (every null row of classifier-free guidance) share the work. When a step is bound by
-    reading the weights, this removes a third of the bytes read per step. `generate()` creates one per call.
+    reading the weights, this removes a third of the bytes read per step. The tables of all layers sit side by side
+    in one tensor, so a step gathers its rows' modulations with one indexing op whatever the depth (each layer gets
+    a view). `generate()` creates one per call, which also keeps the call's per-row condition ids (fixed for the
+    call: made once, not once per step).
     """
 
     def __init__(self, chunk_size: int = 32):
         self.chunk_size = chunk_size
         self.unique_ids, self.inverse = None, None
-        self.chunk_start, self.chunk_tables = 0, None
+        self.chunk_start, self.chunk_table, self.widths = 0, None, None
+        self.row_condition_ids = None
+
+    def condition_ids(self, sequence: torch.LongTensor, guidance: bool, null_id: int) -> torch.LongTensor:
+        """The class token of every row the model runs (`[conditional; null]` with guidance), made on first use."""
+        if self.row_condition_ids is None:
+            self.row_condition_ids = row_condition_ids(sequence, guidance, null_id)
+        return self.row_condition_ids
 
     @torch.no_grad()
     def modulations(self, model, condition_ids: torch.LongTensor, start: int, length: int):
@@ -407,15 +422,30 @@ class RARModulationCache:
         if self.inverse is None:
             self.unique_ids, self.inverse = torch.unique(condition_ids, return_inverse=True)
         covered = self.chunk_start <= start and start + length <= self.chunk_start + self.chunk_size
-        if self.chunk_tables is None or not covered:
+        if self.chunk_table is None or not covered:
             num_slots = model.config.image_seq_len + 2
             self.chunk_start = start
             slots = torch.arange(start, min(num_slots, start + max(self.chunk_size, length)), device=self.inverse.device)
             condition = F.silu(model.embed_tokens(self.unique_ids)[:, None] + model.condition_position_embedding[slots])
             linears = [layer.adaln_modulation for layer in model.layers] + [model.final_adaln_modulation]
-            self.chunk_tables = [linear(condition) for linear in linears]
+            self.widths = [linear.out_features for linear in linears]
+            self.chunk_table = None  # free the previous chunk's table first
+            table = condition.new_empty(*condition.shape[:2], sum(self.widths))
+            for linear, part in zip(linears, table.split(self.widths, dim=-1)):
+                part.copy_(linear(condition))  # each layer's own product, as without the shared table
+            self.chunk_table = table
         offset = start - self.chunk_start
-        return [table[self.inverse, offset : offset + length] for table in self.chunk_tables]
+        rows = self.chunk_table[self.inverse, offset : offset + length]  # one gather for every layer
+        return list(rows.split(self.widths, dim=-1))
+
+
+def row_condition_ids(sequence: torch.LongTensor, guidance: bool, null_id: int) -> torch.LongTensor:
+    """The class token of every row the model runs for `sequence` (class token first): `[conditional; null]` rows
+    with guidance."""
+    condition_ids = sequence[:, 0].clone(memory_format=torch.contiguous_format)
+    if guidance:
+        condition_ids = torch.cat([condition_ids, torch.full_like(condition_ids, null_id)])
+    return condition_ids
 
 
 def step_inputs(model, sequence: torch.LongTensor, fed: int, guidance: bool, modulation_cache=None) -> dict:
@@ -427,20 +457,25 @@ def step_inputs(model, sequence: torch.LongTensor, fed: int, guidance: bool, mod
     speculative loops alike: `fed == 0` starts the sequence (the model prepends its cls slot); with guidance the
     rows are doubled as `[conditional; null]` (the null rows take the null class token); `position_ids` are the
     entries' indices in the sequence. Returns `input_ids`, `condition_ids`, `position_ids`, `starts_sequence` and
-    `modulations` (with a [`RARModulationCache`]). `orders` are not included: pass them with as many rows as the
-    model runs.
+    `modulations` (with a [`RARModulationCache`], which also keeps the call's condition ids). `orders` are not
+    included: pass them with as many rows as the model runs.
+
+    A decoding step launches three small kernels here (the new tokens, their positions, one gather of the
+    modulations), however deep the model and whether or not guidance doubles the rows.
     """
     null_id = model.config.null_class_id
-    # Copies, not views of a sequence that grows every step: fixed strides keep a compiled forward from recompiling.
-    new = sequence[:, fed:].clone(memory_format=torch.contiguous_format)
-    condition_ids = sequence[:, 0].clone(memory_format=torch.contiguous_format)
     starts_sequence = fed == 0
+    # Copies, not views of a sequence that grows every step: fixed strides keep a compiled forward from recompiling.
     if guidance:
-        unconditional = new.clone()
+        new = sequence[:, fed:].repeat(2, 1)  # [conditional; null] rows in one copy
         if starts_sequence:
-            unconditional[:, 0] = null_id
-        new = torch.cat([new, unconditional])
-        condition_ids = torch.cat([condition_ids, torch.full_like(condition_ids, null_id)])
+            new[sequence.shape[0] :, 0] = null_id
+    else:
+        new = sequence[:, fed:].clone(memory_format=torch.contiguous_format)
+    if modulation_cache is not None:
+        condition_ids = modulation_cache.condition_ids(sequence, guidance, null_id)
+    else:
+        condition_ids = row_condition_ids(sequence, guidance, null_id)
     position_ids = torch.arange(fed, sequence.shape[1], device=sequence.device)
     modulations = None
     if modulation_cache is not None:
