@@ -532,7 +532,8 @@ def test_guidance_properties_and_a_callback_that_changes_the_guidance(pipe):
     assert torch.equal(changed, continued[:, 1:]) and not torch.equal(changed, base)
 
 
-def test_cpu_fast_paths_are_applied_per_call_or_kept_on_request(pipe):
+def test_cpu_fast_paths_are_applied_per_call_or_kept_on_request(pipe, monkeypatch):
+    from rar_hf import pipeline_rar
     from rar_hf.cpu_kernels import PackedLinear, can_pack
 
     if not can_pack(torch.zeros(1)):
@@ -540,13 +541,21 @@ def test_cpu_fast_paths_are_applied_per_call_or_kept_on_request(pipe):
     transformer = pipe.transformer
     state, num_parameters = {k: v.clone() for k, v in transformer.state_dict().items()}, transformer.num_parameters()
     used = []
-    handle = torch.nn.modules.module.register_module_forward_pre_hook(
-        lambda module, args: used.append(type(module)) if isinstance(module, (PackedLinear, torch.nn.Linear)) else None
-    )
-    try:
-        plain = pipe([0, 1], generator=seeded(3), output_type="latent").tokens
-    finally:
-        handle.remove()
+
+    def call():
+        used.clear()
+        handle = torch.nn.modules.module.register_module_forward_pre_hook(
+            lambda module, args: used.append(type(module)) if isinstance(module, (PackedLinear, torch.nn.Linear)) else None
+        )
+        try:
+            return pipe([0, 1], generator=seeded(3), output_type="latent").tokens
+        finally:
+            handle.remove()
+
+    plain = call()
+    assert torch.nn.Linear in used and PackedLinear not in used  # too small a model for them to pay off
+    monkeypatch.setattr(pipeline_rar, "CPU_FAST_PATHS_MIN_PARAMETERS", 0)
+    assert torch.equal(call(), plain)
     assert PackedLinear in used and torch.nn.Linear not in used  # the call ran on the fast paths...
     assert transformer.num_parameters() == num_parameters and type(transformer.lm_head) is torch.nn.Linear  # ...only
     assert all(torch.equal(v, state[k]) for k, v in transformer.state_dict().items())
