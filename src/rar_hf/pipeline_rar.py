@@ -833,7 +833,8 @@ class RARPipeline(DiffusionPipeline):
                         logits_processor=LogitsProcessorList([kept_tokens_processor] if kept_tokens_processor is not None else []),
                         do_sample=True,
                         use_cache=use_cache,
-                        cache_implementation=cache_implementation,
+                        # None: the transformer's generation_config decides (a static cache for converted models)
+                        **({"cache_implementation": cache_implementation} if cache_implementation else {}),
                         **speculative,
                     )
         tokens = sequences[:, 1:]  # drop the class token; generate returns raster order whatever the order used

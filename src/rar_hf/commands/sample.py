@@ -174,7 +174,7 @@ def main(args):
     fingerprint = sampling_fingerprint(pipe, settings, args, classes, accelerator.device)
     pipe.to(accelerator.device)
     if args.dtype != "float32":
-        pipe.to(dtype=DTYPES[args.dtype])
+        pipe.transformer.to(dtype=DTYPES[args.dtype])  # the VQ model decodes in float32 (see MaskGITVQModel)
     pipe.set_progress_bar_config(disable=True)
     if accelerator.is_main_process:
         existing = (output_dir / "images").is_dir() and any((output_dir / "images").glob("[0-9]*.png"))
