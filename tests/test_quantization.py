@@ -252,3 +252,28 @@ def test_only_the_known_torchao_import_messages_are_dropped():
                      "supported by torch.compile as an opaque value type.")  # fmt: skip
     assert shown("torch.utils._pytree", "something else")
     assert not shown(quantization._NOISY_LOGGERS[2], "Unable to import `torchao` Tensor objects. This may affect loading")
+
+
+# ------------------------------------------------------------------------------------------------ the benchmark
+@needs_torchao
+def test_quantization_benchmark_measures_every_section(capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("quantization_benchmark", PIPELINE.parents[3] / "benchmarks" / "quantization.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    records = benchmark.main(["--models", "tiny-digits", "--variants", "fp32", "int8", "--num_tokens", "2", "--repeats", "1",
+                              "--batch_sizes", "1", "--num_per_class", "1", "--fixtures", "small", "--threads", "1",
+                              "--in_process"])  # fmt: skip
+    by = {(r["section"], r["variant"], r.get("seed", 0), r["model"][:7]): r for r in records}
+    assert by["speed", "int8", 0, "tiny-di"]["ms_per_step"] > 0 and by["speed", "fp32", 0, "tiny-di"]["ms_per_step"] > 0
+    fp32, int8 = by["memory", "fp32", 0, "tiny-di"], by["memory", "int8", 0, "tiny-di"]
+    assert int8["state_bytes"] < 0.33 * fp32["state_bytes"] and int8["memory_footprint"] == fp32["memory_footprint"]
+    assert int8["linear_layers"] == {"Int8Tensor": 21, "float32": 1} and int8["peak_rss"] > 0
+    fixture = by["error", "int8", 0, "fixture"]
+    assert fixture["fp32_vs_official"] < 1e-5 and fixture["relative"] < 0.01 and fixture["argmax_agreement"] == 1.0
+    assert 0 < by["error", "int8", 0, "tiny-di"]["relative"] < 0.05
+    assert {r["seed"] for r in records if r["section"] == "quality" and r["variant"] == "fp32"} == {0, 1, 2}
+    assert 0 <= by["quality", "int8", 0, "tiny-di"]["accuracy"] <= 1
+    out = capsys.readouterr().out
+    assert "| int8 | " in out and "teacher-forced logits against float32" in out
