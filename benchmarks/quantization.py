@@ -165,12 +165,12 @@ def memory(args, model_name, folder, variant):
     model = load_variant(folder, variant)
     after_load = peak_rss()
     num_tokens = num_tokens_for(args, model)
-    state_bytes, footprint = state_nbytes(model), model.get_memory_footprint()
+    state_bytes, footprint, layers = state_nbytes(model), model.get_memory_footprint(), quantized_linear_layers(model)
     enable_cpu_fast_paths(model, num_rows=8)
     timed_call(model, 4, num_tokens)
     return [{"section": "memory", "model": model_name, "variant": variant, "state_bytes": state_bytes,
              "memory_footprint": footprint, "peak_rss_after_load": after_load,
-             "peak_rss": peak_rss(), "num_tokens": num_tokens, "linear_layers": dict(quantized_linear_layers(model))}]  # fmt: skip
+             "peak_rss": peak_rss(), "num_tokens": num_tokens, "linear_layers": dict(layers)}]  # fmt: skip
 
 
 def logit_errors(name, reference, variants_logits):
