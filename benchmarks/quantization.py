@@ -327,7 +327,8 @@ def tables(records, args) -> str:
                   "", "| variant | " + " | ".join(f"batch {b} ms/step" for b in args.batch_sizes)
                   + " | vs fp32 (batch 4) | peak RSS | RSS after load | state bytes | get_memory_footprint |",
                   "|---|" + "---|" * (len(args.batch_sizes) + 5)]  # fmt: skip
-        for variant in [*args.variants, *(SAVED + v for v in args.variants if v in SAVEABLE)]:
+        saved = [SAVED + v for v in args.variants if (model, SAVED + v) in memory_rows]
+        for variant in [*args.variants, *saved]:
             cells = []
             for batch_size in args.batch_sizes:
                 row = next((r for r in speed_rows if (r["model"], r["variant"], r["batch_size"]) == (model, variant, batch_size)), None)

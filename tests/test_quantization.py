@@ -164,7 +164,7 @@ def test_pipeline_loads_with_diffusers_quantization_mapping_and_runs_its_fast_pa
     from transformers import TorchAoConfig
     from torchao.quantization import Int8WeightOnlyConfig
 
-    from rar_hf import RARPipeline
+    from rar_hf import RARPipeline, pipeline_rar
 
     mapping = PipelineQuantizationConfig(quant_mapping={"transformer": TorchAoConfig(Int8WeightOnlyConfig())})
     pipe = RARPipeline.from_pretrained(PIPELINE, quantization_config=mapping)
@@ -174,6 +174,8 @@ def test_pipeline_loads_with_diffusers_quantization_mapping_and_runs_its_fast_pa
     passed = RARPipeline.from_pretrained(PIPELINE, transformer=int8)
     messages = []
     monkeypatch.setattr(cpu_kernels.logger, "warning_once", messages.append)
+    # Per-call fast paths for this 1.3M-parameter model too (the pipeline may apply them from a size on only).
+    monkeypatch.setattr(pipeline_rar, "CPU_FAST_PATHS_MIN_PARAMETERS", 0, raising=False)
     kwargs = dict(class_labels=[0, 7], output_type="latent")
     tokens = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images
     assert torch.equal(tokens, passed(**kwargs, generator=torch.Generator().manual_seed(0)).images)
