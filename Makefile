@@ -28,7 +28,7 @@ $(VENV)/.installed: setup.cfg constraints.txt
 	@if ls $(LOCAL_WHEELS)/torch-2.13.0* >/dev/null 2>&1; then \
 		$(PIP) install -q --find-links $(LOCAL_WHEELS) "$(TORCH_LOCAL)"; \
 	fi
-	$(PIP) install -q -c constraints.txt -e ".[test,train,eval,digits,demo]"
+	$(PIP) install -q -c constraints.txt -e ".[test,train,eval,digits,demo,quantization]"
 	touch $@
 
 demo: $(VENV)/.installed

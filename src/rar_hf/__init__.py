@@ -2,6 +2,10 @@
 
 from importlib import import_module
 
+from .quantization import drop_torchao_import_noise
+
+drop_torchao_import_noise()  # before transformers imports torchao (when installed): see rar_hf.quantization
+
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_rar import RAR_PRESETS, RAR_SAMPLING_DEFAULTS, RARConfig

@@ -30,11 +30,13 @@ with cpu_fast_paths(model):       # the same for one block (what RARPipeline doe
 """
 
 import weakref
+from collections import Counter
 from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -64,6 +66,12 @@ def can_pack(weight: torch.Tensor) -> bool:
     if weight.dtype == torch.float32:
         return True
     return weight.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def is_quantized_weight(weight) -> bool:
+    """Whether `weight` is a quantized tensor subclass (torchao's `Int8Tensor`, `Int4OpaqueTensor`, ...), which holds
+    its data in inner tensors and multiplies through its own kernels."""
+    return isinstance(weight, torch.Tensor) and is_traceable_wrapper_subclass(weight)
 
 
 def packed_product(input: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -99,6 +107,11 @@ class PackedLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear, num_rows: int | None = None):
         super().__init__()
+        if is_quantized_weight(linear.weight):
+            raise ValueError(
+                f"This linear layer holds a quantized weight ({type(linear.weight).__name__}): PackedLinear packs "
+                "float32/bfloat16 weights only; a quantized layer keeps its quantization library's kernels."
+            )
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.original_class = type(linear)
         self.bias = linear.bias
@@ -207,10 +220,18 @@ def replace_with_packed_linear(model: nn.Module, num_rows: int | None = 8, modul
     """Replace every packable `nn.Linear` of `model` (float32, or bfloat16 where supported, on the CPU) by a
     [`PackedLinear`], one layer at a time (memory never holds more than one extra layer). `num_rows` is the number
     of rows the products will have (a layout hint: oneDNN's layout for 1-2 rows streams 3x slower, so at least 8).
-    Returns the number of layers replaced."""
+    Returns the number of layers replaced.
+
+    Layers whose weight is quantized (torchao's tensor subclasses, e.g. after `from_pretrained(...,
+    quantization_config=TorchAoConfig(...))`) are left to the quantization library's kernels, and a log line says how
+    many; [`PackedLinear`] itself refuses them."""
+    quantized = Counter()
 
     def convert(child):
         if type(child) is PackedLinear or not isinstance(child, nn.Linear):
+            return None
+        if is_quantized_weight(child.weight):
+            quantized[type(child.weight).__name__] += 1
             return None
         if not can_pack(child.weight):
             return None
@@ -219,11 +240,18 @@ def replace_with_packed_linear(model: nn.Module, num_rows: int | None = 8, modul
         return PackedLinear(child, num_rows)
 
     try:
-        return _swap(model, convert)
+        count = _swap(model, convert)
     except RuntimeError as error:  # an unusual build or CPU: the plain layers are always correct
         logger.warning(f"oneDNN weight packing unavailable ({error}); keeping nn.Linear.")
         replace_with_plain_linear(model)
         return 0
+    if quantized:
+        kinds = ", ".join(f"{n} {kind}" if len(quantized) > 1 else kind for kind, n in sorted(quantized.items()))
+        logger.warning_once(
+            f"CPU fast paths: {sum(quantized.values())} quantized linear layers ({kinds}) keep their own (torchao) "
+            f"kernels; {count} float layer{'s' if count != 1 else ''} packed."
+        )
+    return count
 
 
 def _module_name(model: nn.Module, module: nn.Module) -> str:

@@ -25,6 +25,7 @@ from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_rar import RARConfig
 from .generation_rar import RARGenerationMixin
+from .quantization import check_quantization_config
 
 
 def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
@@ -173,6 +174,10 @@ class RARPreTrainedModel(PreTrainedModel):
                 "only (official .bin checkpoints go through `rar-hf convert`)."
             )
         kwargs["use_safetensors"] = True
+        # A torchao configuration this machine cannot run is refused in one line before any weight is read.
+        check_quantization_config(
+            kwargs.get("quantization_config"), kwargs.get("device_map"), kwargs.get("dtype", kwargs.get("torch_dtype"))
+        )
         output_loading_info = kwargs.pop("output_loading_info", False)
         try:
             model, info = super().from_pretrained(

@@ -35,6 +35,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from ..arguments import UserError, check_writable, finite_float, positive_int
+from ..quantization import QUANTIZATION_TYPES, pipeline_quantization_config
 from ._loading import load_pipeline, load_transformer
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "pretrained" / "tiny-digits"
@@ -86,6 +87,11 @@ def add_arguments(parser):
         "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="Device (default: cuda if available)."
     )
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="Compute dtype of the models.")
+    parser.add_argument(
+        "--quantize", default=None, choices=QUANTIZATION_TYPES, help="Quantize the transformer's linear layers with "
+        "torchao as it loads: int8 (weights), int8-dynamic (weights and activations) or int4 (weights); needs "
+        'pip install "rar-hf[quantization]". See README "Quantized inference" for what each does to speed and quality.'
+    )
     parser.add_argument(
         "--output_path", default=None, help="Where to write the PNG grid (default: outputs/samples.png, unless "
         "--output_dir is given)."
@@ -214,7 +220,11 @@ def main(args):
                 "pass --model <Hub repo id or pipeline folder>"
             )
         model = str(DEFAULT_MODEL)
-    pipe = load_pipeline(model, dtype=DTYPES[args.dtype]).to(args.device)
+    quantization = {}
+    if args.quantize is not None:  # checked to run here before anything loads; quantized where it will run
+        config = pipeline_quantization_config(args.quantize, args.device, DTYPES[args.dtype])
+        quantization = {"quantization_config": config, "device_map": args.device}
+    pipe = load_pipeline(model, dtype=DTYPES[args.dtype], **quantization).to(args.device)
     speculative = {name: getattr(args, name) for name in SPECULATIVE_OPTIONS if getattr(args, name) is not None}
     if args.assistant_model is not None:
         speculative["assistant_model"] = load_transformer(
