@@ -86,10 +86,10 @@ def build_parser() -> ArgumentParser:
     data.add_argument("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes.")
 
     model = p.add_argument_group("model")
-    model.add_argument("--model_config", default="rar-b", help="A preset (rar-b, rar-l, rar-xl, rar-xxl) or a config.json path; sizes that come from the data (codebook, tokens, classes) may be left out of it.")
+    model.add_argument("--model_config", default="rar-b", help="A preset (rar-b, rar-l, rar-xl, rar-xxl) or a config.json path; sizes that come from the data (codebook, tokens, classes) may be left out of it; not with --pretrained_model.")
     model.add_argument("--pretrained_model", "--pretrained_model_name_or_path", dest="pretrained_model", default=None,
                        help="Fine-tune this model instead of training from scratch: a RARPipeline or RAR transformer folder, a training run or checkpoint of this script (EMA weights when it has them), or a Hub id; its VQ model is the default --vqvae, and the class set comes from the data (classes of the same name keep their embeddings); default: from scratch.")  # fmt: skip
-    model.add_argument("--new_class_init", default="null", choices=NEW_CLASS_INITS, help="Fine-tuning: the embedding of a class the pretrained model does not have: the null class's ('null', a new class starts as the unconditional model), the mean of the pretrained classes' ('mean'), or a fresh random one ('random'); each but 'random' plus small noise.")
+    model.add_argument("--new_class_init", default="null", choices=NEW_CLASS_INITS, help="Fine-tuning: the embedding of a class the pretrained model does not have: the null class's ('null', a new class starts as the unconditional model), the mean of the pretrained classes' ('mean'), or a fresh random one ('random'); each but 'random' plus noise of the pretrained class embeddings' spread.")
     model.add_argument("--gradient_checkpointing", action="store_true", help="Trade compute for memory.")
     model.add_argument("--scan_order", default="raster", help="Final scan order the annealing converges to (raster, spiral_in, ...).")
     model.add_argument("--class_dropout_prob", type=float, default=0.1, help="Class-label dropout (trains the null class for guidance).")
@@ -143,6 +143,8 @@ def parse_args(argv=None):
         p.error("give exactly one of --pretokenized_dataset and --dataset_name")
     if args.dataset_name is not None and args.vqvae is None and args.pretrained_model is None:
         p.error("--dataset_name needs --vqvae (or a --pretrained_model that has a VQ model) to tokenise images on the fly")
+    if args.pretrained_model is not None and args.model_config != p.get_default("model_config"):
+        p.error("--model_config with --pretrained_model: the architecture is the pretrained model's; leave --model_config out")
     if args.lora_rank is None:
         given = [f"--{k}" for k in ("lora_alpha", "lora_dropout", "lora_target_modules") if getattr(args, k) != p.get_default(k)]
         if given:

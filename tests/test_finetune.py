@@ -129,7 +129,7 @@ def test_adapting_keeps_the_codebook_matched_and_null_rows_and_initialises_new_o
         assert float(fresh.std()) == pytest.approx(config.initializer_range, rel=0.5)
     else:
         start = old_null if init == "null" else old_classes.mean(0)
-        assert float((fresh - start).std()) == pytest.approx(0.1 * spread, rel=0.5)  # small noise around its start
+        assert float((fresh - start).std()) == pytest.approx(spread, rel=0.3)  # noise of the old classes' spread around its start
     # The resized model runs the new class ids and the null class, and trains its embedding.
     ids = torch.tensor([[FIRST_CLASS + 1, *range(16)], [config.null_class_id, *range(16)]])
     assert model(input_ids=ids, use_cache=False).logits.shape == (2, 17, 16)
@@ -331,6 +331,8 @@ def test_lora_mistakes_are_one_line_and_overwrite_nothing(train_rar, lora_run, b
         train_rar.parse_args(arguments(new_data, folder, "--lora_rank", 4))
     with pytest.raises(SystemExit):
         train_rar.parse_args(arguments(new_data, folder, "--pretrained_model", base, "--lora_alpha", 4))
+    with pytest.raises(SystemExit):  # the architecture is the pretrained model's
+        train_rar.parse_args(arguments(new_data, folder, "--pretrained_model", base, "--model_config", "rar-l"))
 
 
 def test_fine_tuning_continues_from_a_lora_run(train_rar, lora_run, new_data, tmp_path):
@@ -353,3 +355,19 @@ def test_lora_targets_must_name_linear_layers_of_rar():
     check_lora_targets(model, "all-linear")
     with pytest.raises(ValueError, match="^qkv, mlp match no linear layer of RAR; its linear layers are qkv_proj, "):
         check_lora_targets(model, ["qkv", "mlp", "fc1"])  # mlp is a module, but not a linear layer
+
+
+def test_the_readmes_adapter_snippets_run(lora_run, base, tmp_path):
+    import re
+
+    text = (REPO / "README.md").read_text()
+    section = text.split("## Fine-tune a pretrained model to your classes\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert len(blocks) == 2
+    for block in blocks:
+        code = (block.replace("outputs/my-lora-merged", str(tmp_path / "merged")).replace("outputs/my-lora", str(lora_run))
+                .replace("src/rar_hf/pretrained/tiny-digits", str(base)).replace('["cat", "dog"]', '["cat", "eel"]'))  # fmt: skip
+        namespace = {}
+        exec(compile(code, "README.md", "exec"), namespace)
+        assert namespace["pipe"].id2label == {0: "Cat", 1: "eel", 2: "birdie"}
+    assert RARPipeline.from_pretrained(tmp_path / "merged").id2label == {0: "Cat", 1: "eel", 2: "birdie"}
