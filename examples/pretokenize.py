@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 import rar_hf
 from rar_hf.arguments import ArgumentParser, run_script
 from rar_hf.data import center_crop_arr, pretokenized_metadata_path, read_official_jsonl, ten_crop_arr, to_tensor
-from rar_hf.training_utils import UserInputError, describe_load_error, load_pretrained
+from rar_hf.training_utils import UserInputError, describe_load_error, load_pretrained, vqvae_resolution
 
 AUGMENTATIONS = ("center", "center_flip", "ten_crop")
 FEATURES = datasets.Features({"tokens": datasets.List(datasets.Value("int32")), "label": datasets.Value("int32")})
@@ -42,7 +42,7 @@ def parse_args(argv=None):
     p.add_argument("--image_column", default="image", help="Image column ('jpg' for timm/imagenet-1k-wds).")
     p.add_argument("--label_column", default="label", help="Label column ('cls' for timm/imagenet-1k-wds).")
     p.add_argument("--vqvae", default=None, help="MaskGITVQModel folder or Hub id (needed with --dataset_name).")
-    p.add_argument("--resolution", type=int, default=256, help="Crop size fed to the tokenizer.")
+    p.add_argument("--resolution", type=int, default=None, help="Crop size fed to the tokenizer; default: the --vqvae model's sample_size, which it must match.")
     p.add_argument("--augmentation", default="center_flip", choices=AUGMENTATIONS, help="Crops per image (see above).")
     p.add_argument("--batch_size", type=int, default=64, help="Images per tokenizer forward (before augmentation).")
     p.add_argument("--num_shards", type=int, default=16, help="Number of output parquet shards.")
@@ -214,6 +214,7 @@ def main(args):
         except Exception as error:
             raise UserInputError(f"--dataset_name {args.dataset_name}: cannot load split {args.split!r} ({describe_load_error(error)}).") from error
         vqvae = load_pretrained(MaskGITVQModel, args.vqvae, "--vqvae").to(state.device).eval()
+        args.resolution = vqvae_resolution(args.resolution, vqvae, args.vqvae)
         expected = fingerprint(args, vqvae=vqvae, dataset=dataset)
         features = FEATURES
         if expected["class_names"] is not None:  # kept in the shards, so that train_rar.py can name the classes

@@ -10,6 +10,10 @@ Data comes either pre-tokenised (`--pretokenized_dataset`: parquet / datasets fo
 frozen tokenizer given by `--vqvae` turns into tokens on each process's device. The defaults are the paper's recipe,
 its warm-up and annealing in proportion to `--max_train_steps`. A small run on a folder of PNGs (one subfolder per
 class) on a CPU: README.md, "Train your own in 5 minutes".
+
+Fine-tuning: `--pretrained_model` (a pipeline, transformer, training run or checkpoint, or a Hub id) with data of
+another class set (classes of the same name keep their embeddings, see `rar_hf.finetuning`), in full or, with
+`--lora_rank`, as a LoRA adapter through PEFT: README.md, "Fine-tune a pretrained model to your classes".
 """
 
 import contextlib
@@ -24,7 +28,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration, broadcast_object_list, set_seed
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 from transformers import get_scheduler
@@ -33,6 +37,7 @@ import rar_hf
 from rar_hf import RARConfig, RARForImageGeneration
 from rar_hf.arguments import ArgumentParser, run_script
 from rar_hf.data import RARDataCollator
+from rar_hf.finetuning import ADAPTER_RECORD, ADAPTER_WEIGHTS, DEFAULT_LORA_TARGETS, NEW_CLASS_INITS, adapter_parameters
 from rar_hf.run_folder import RUN_RECORD, RUN_VQVAE, SUMMARY, folder_kind, pipeline_labels
 from rar_hf.training_utils import (
     LOCK_NAME,
@@ -47,10 +52,13 @@ from rar_hf.training_utils import (
     load_checkpoint,
     load_pretrained,
     prepare_output_dir,
+    register_adapter_checkpointing,
+    save_adapter,
     resolve_checkpoint,
     save_checkpoint,
     setting_changes,
     truncate_metrics,
+    vqvae_resolution,
 )
 
 logger = get_logger(__name__)
@@ -78,8 +86,10 @@ def build_parser() -> ArgumentParser:
     data.add_argument("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes.")
 
     model = p.add_argument_group("model")
-    model.add_argument("--model_config", default="rar-b", help="A preset (rar-b, rar-l, rar-xl, rar-xxl) or a config.json path; sizes that come from the data (codebook, tokens, classes) may be left out of it.")
-    model.add_argument("--pretrained_model", default=None, help="Start from these RARForImageGeneration weights instead of scratch.")
+    model.add_argument("--model_config", default="rar-b", help="A preset (rar-b, rar-l, rar-xl, rar-xxl) or a config.json path; sizes that come from the data (codebook, tokens, classes) may be left out of it; not with --pretrained_model.")
+    model.add_argument("--pretrained_model", "--pretrained_model_name_or_path", dest="pretrained_model", default=None,
+                       help="Fine-tune this model instead of training from scratch: a RARPipeline or RAR transformer folder, a training run or checkpoint of this script (EMA weights when it has them), or a Hub id; its VQ model is the default --vqvae, and the class set comes from the data (classes of the same name keep their embeddings); default: from scratch.")  # fmt: skip
+    model.add_argument("--new_class_init", default="null", choices=NEW_CLASS_INITS, help="Fine-tuning: the embedding of a class the pretrained model does not have: the null class's ('null', a new class starts as the unconditional model), the mean of the pretrained classes' ('mean'), or a fresh random one ('random'); each but 'random' plus noise of the pretrained class embeddings' spread.")
     model.add_argument("--gradient_checkpointing", action="store_true", help="Trade compute for memory.")
     model.add_argument("--scan_order", default="raster", help="Final scan order the annealing converges to (raster, spiral_in, ...).")
     model.add_argument("--class_dropout_prob", type=float, default=0.1, help="Class-label dropout (trains the null class for guidance).")
@@ -103,6 +113,12 @@ def build_parser() -> ArgumentParser:
     optim.add_argument("--ema_decay", type=float, default=0.9999, help="EMA decay.")
     optim.add_argument("--seed", type=int, default=0, help="Seed of weights, data order, permutations and dropout.")
 
+    lora = p.add_argument_group("LoRA (with --pretrained_model; through PEFT)")
+    lora.add_argument("--lora_rank", type=int, default=None, help="Train a LoRA adapter of this rank (and the class embeddings) instead of every weight; the run then saves the adapter only; default: full fine-tuning.")
+    lora.add_argument("--lora_alpha", type=float, default=None, help="LoRA's alpha (the update is scaled by alpha / rank); default: --lora_rank.")
+    lora.add_argument("--lora_dropout", type=float, default=0.0, help="Dropout on LoRA's input.")
+    lora.add_argument("--lora_target_modules", nargs="+", default=list(DEFAULT_LORA_TARGETS), help="Names of the linear layers to adapt (a module matches when its name ends with one), or all-linear.")
+
     out = p.add_argument_group("outputs")
     out.add_argument("--output_dir", default="rar-output", help="Where checkpoints, metrics.jsonl and the final model go.")
     out.add_argument("--checkpointing_steps", type=int, default=5000, help="Save a resumable checkpoint every N steps.")
@@ -125,8 +141,21 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if (args.pretokenized_dataset is None) == (args.dataset_name is None):
         p.error("give exactly one of --pretokenized_dataset and --dataset_name")
-    if args.dataset_name is not None and args.vqvae is None:
-        p.error("--dataset_name needs --vqvae to tokenise images on the fly")
+    if args.dataset_name is not None and args.vqvae is None and args.pretrained_model is None:
+        p.error("--dataset_name needs --vqvae (or a --pretrained_model that has a VQ model) to tokenise images on the fly")
+    if args.pretrained_model is not None and args.model_config != p.get_default("model_config"):
+        p.error("--model_config with --pretrained_model: the architecture is the pretrained model's; leave --model_config out")
+    if args.lora_rank is None:
+        given = [f"--{k}" for k in ("lora_alpha", "lora_dropout", "lora_target_modules") if getattr(args, k) != p.get_default(k)]
+        if given:
+            p.error(f"{', '.join(given)} without --lora_rank: pass --lora_rank to train a LoRA adapter")
+    else:
+        if args.pretrained_model is None:
+            p.error("--lora_rank adapts a pretrained model: pass --pretrained_model")
+        if args.lora_rank < 1:
+            p.error(f"--lora_rank must be at least 1, got {args.lora_rank}")
+        if args.lora_target_modules == ["all-linear"]:
+            args.lora_target_modules = "all-linear"
     return args
 
 
@@ -169,6 +198,7 @@ def load_training_data(args):
                                          image_column=args.image_column, label_column=args.label_column)  # fmt: skip
         except Exception as error:
             raise UserInputError(f"--dataset_name {args.dataset_name}: cannot load split {args.dataset_split!r} ({describe_load_error(error)}).") from error
+        check_labels(dataset, f"--dataset_name {args.dataset_name}", args.label_column)
         info["class_names"] = class_names(dataset)
         if not args.streaming:
             info["num_labels"] = label_count(dataset, args.dataset_name)
@@ -188,6 +218,7 @@ def load_training_data(args):
         dataset = load_pretokenized_dataset(source, split=args.dataset_split)
     except Exception as error:
         raise UserInputError(f"--pretokenized_dataset {source}: {find_corrupted_file(source, error)}") from error
+    check_labels(dataset, f"--pretokenized_dataset {source}", "label")
     info["class_names"] = info["class_names"] or class_names(dataset)
     info["num_labels"] = label_count(dataset, source)
     if len(dataset):
@@ -196,6 +227,22 @@ def load_training_data(args):
             raise UserInputError(f"--pretokenized_dataset {source}: rows hold {seq_len} tokens, its metadata says {info['image_seq_len']}.")
         info["image_seq_len"] = seq_len
     return dataset, info
+
+
+def check_labels(dataset, source: str, column: str) -> None:
+    """Class labels must be class ids: a `datasets.ClassLabel` (names and ids) or integers. Strings, floats or lists
+    cannot be read as classes (nor mapped onto a pretrained model's classes by name)."""
+    import datasets
+
+    feature = (dataset.features or {}).get("label")
+    if feature is None or isinstance(feature, datasets.ClassLabel):
+        return
+    dtype = getattr(feature, "dtype", type(feature).__name__)
+    if not (isinstance(feature, datasets.Value) and ("int" in dtype)):
+        raise UserInputError(
+            f"{source}: the label column {column!r} holds {dtype} values, not class ids: make it a datasets.ClassLabel "
+            "(names and ids; an image folder with one subfolder per class gives one) or integers 0..num_classes-1."
+        )
 
 
 def label_count(dataset, source) -> int:
@@ -416,15 +463,17 @@ def image_batches(args, dataset, accelerator, collator, batch_size, start_batch,
 # --- the VQ model: given, recorded by the run, or the one the pre-tokenised data was made with ---
 
 
-def find_vqvae(args, output_dir: Path, info, resuming: bool):
+def find_vqvae(args, output_dir: Path, info, resuming: bool, base=None):
     """`(vqvae, where it came from)` or `(None, None)`: --vqvae; else the run's recorded vqvae/ when resuming; else the
-    tokenizer that pretokenize.py recorded for the data, if it is on this machine with the same weights (the shipped
-    tiny-digits VQ model is looked at too); else none. A --vqvae that is not the run's recorded one is refused."""
+    VQ model of --pretrained_model (`base`); else the tokenizer that pretokenize.py recorded for the data, if it is on
+    this machine with the same weights (the shipped tiny-digits VQ model is looked at too); else none. A --vqvae that
+    is not the run's recorded one, or not the pretrained model's, is refused."""
     from rar_hf.data import tokenizer_fingerprint
     from rar_hf.modeling_maskgit_vqgan import MaskGITVQModel
 
     recorded = output_dir / RUN_VQVAE
     recorded = recorded if resuming and folder_kind(recorded) == "vqvae" else None
+    base_vqvae = base.vqvae if base is not None else None
     if args.vqvae is not None:
         vqvae = load_pretrained(MaskGITVQModel, args.vqvae, "--vqvae")
         if recorded is not None and tokenizer_fingerprint(vqvae) != tokenizer_fingerprint(MaskGITVQModel.from_pretrained(recorded)):
@@ -432,9 +481,18 @@ def find_vqvae(args, output_dir: Path, info, resuming: bool):
                 f"--vqvae {args.vqvae} is not the VQ model this run was trained with ({recorded}): leave --vqvae out "
                 "to resume with the recorded one."
             )
+        if base_vqvae is not None and tokenizer_fingerprint(vqvae) != tokenizer_fingerprint(base_vqvae):
+            raise UserInputError(
+                f"--vqvae {args.vqvae} is not the VQ model of --pretrained_model {args.pretrained_model}, whose tokens "
+                "it learned: leave --vqvae out to use that one."
+            )
         return vqvae, args.vqvae
     if recorded is not None:
         return MaskGITVQModel.from_pretrained(recorded), str(recorded)
+    if base_vqvae is not None:
+        logger.info("No --vqvae: using the VQ model of --pretrained_model %s.", args.pretrained_model, main_process_only=True)
+        source = f"{base.source}/{RUN_VQVAE}"
+        return base_vqvae, source
     made_with = info["tokenizer"] or {}
     if "weights_sha256" in made_with:
         wanted = {k: made_with[k] for k in ("config_sha256", "weights_sha256")}
@@ -451,22 +509,16 @@ def find_vqvae(args, output_dir: Path, info, resuming: bool):
     return None, None
 
 
-def resolve_resolution(args, vqvae) -> None:
+def resolve_resolution(args, vqvae, vqvae_source) -> None:
     """--resolution for on-the-fly tokenising: the VQ model's sample_size unless given, and never another one."""
-    if vqvae is None or args.dataset_name is None:
+    if args.dataset_name is None:
         return
-    native = vqvae.config.sample_size
-    native = native if isinstance(native, int) else (native[0] if native[0] == native[1] else None)
-    if args.resolution is None:
-        if native is None:
-            raise UserInputError(f"--vqvae {args.vqvae} has a non-square sample_size {vqvae.config.sample_size}: pass --resolution.")
-        args.resolution = native
-        logger.info("--resolution %d: the sample_size of --vqvae %s.", native, args.vqvae, main_process_only=True)
-    elif native is not None and args.resolution != native:
+    if vqvae is None:
         raise UserInputError(
-            f"--resolution {args.resolution} but --vqvae {args.vqvae} is made for {native}-px images (its sample_size): "
-            f"leave --resolution out or pass --resolution {native}."
+            f"--dataset_name needs a VQ model to tokenise its images, and --pretrained_model {args.pretrained_model} "
+            "has none: pass --vqvae (the one the pretrained model was trained with)."
         )
+    args.resolution = vqvae_resolution(args.resolution, vqvae, vqvae_source)
 
 
 def record_vqvae(vqvae, output_dir: Path) -> None:
@@ -483,6 +535,61 @@ def record_vqvae(vqvae, output_dir: Path) -> None:
     os.replace(tmp, target)
 
 
+# --- fine-tuning: the pretrained model, its classes and the adapter ---
+
+
+def load_base(args):
+    """--pretrained_model, with any failure as one line."""
+    from rar_hf.run_folder import load_base_model
+
+    try:
+        return load_base_model(args.pretrained_model, "--pretrained_model")
+    except UserInputError:
+        raise
+    except Exception as error:
+        raise UserInputError(f"--pretrained_model {args.pretrained_model}: cannot load it ({describe_load_error(error)}).") from error
+
+
+def fit_classes(args, base, info):
+    """The pretrained model with the data's class set (`rar_hf.finetuning.adapt_classes`: rows of the classes of the
+    same name kept, the others initialised by --new_class_init, the null class kept), and the record of where it
+    came from: `{"source", "weights_sha256", "architecture", "num_classes", "class_sources", "new_class_init"}`.
+    Data whose labels have no names keeps the pretrained classes (its labels are their ids)."""
+    from rar_hf.finetuning import adapt_classes, architecture, describe_class_sources, match_classes
+    from rar_hf.weights import weights_sha256
+
+    model, old = base.transformer, base.id2label
+    model.requires_grad_(True)  # a LoRA run merged into its base comes frozen
+    model.config.class_dropout_prob = args.class_dropout_prob
+    pretrained = {"source": base.source, "weights_sha256": weights_sha256(model), "architecture": architecture(model.config),
+                  "num_classes": model.config.num_classes, "new_class_init": args.new_class_init}  # fmt: skip
+    names = info["class_names"]
+    if names is None:
+        logger.info("The data's labels have no names: they are the ids of the %d classes of %s.", len(old), base.description, main_process_only=True)
+        names, sources = [old[i] for i in range(len(old))], list(range(len(old)))
+        model.config.id2label, model.config.label2id = dict(enumerate(names)), {n: i for i, n in enumerate(names)}
+    else:
+        sources = match_classes(old, names)
+        adapt_classes(model, names, sources, init=args.new_class_init, seed=args.seed)
+        logger.info("Classes of %s: %s.", base.description, describe_class_sources(old, names, sources, args.new_class_init), main_process_only=True)
+    return model, {**pretrained, "class_sources": sources}
+
+
+def add_lora(args, model, pretrained, vqvae):
+    """The model wrapped by PEFT for LoRA (`rar_hf.finetuning.lora_config`) and the adapter's record
+    (rar_adapter.json)."""
+    from peft import get_peft_model
+
+    from rar_hf.finetuning import adapter_record, lora_config
+
+    peft_config = lora_config(model.config, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_target_modules)
+    model.name_or_path = pretrained["source"]  # what PEFT records as base_model_name_or_path
+    model = get_peft_model(model, peft_config)
+    trainable, total = model.get_nb_trainable_parameters()
+    logger.info("LoRA rank %d: %d of %d parameters train (%.2f%%).", args.lora_rank, trainable, total, 100 * trainable / total, main_process_only=True)
+    return model, adapter_record(pretrained, model.config, RUN_VQVAE if vqvae is not None else None)
+
+
 # --- what a resume must find unchanged (or be told with --allow_schedule_change) ---
 
 SCHEDULE_KEYS = (
@@ -492,23 +599,37 @@ SCHEDULE_KEYS = (
 )  # fmt: skip
 
 
+# What the trained weights are (their shapes and meaning): a resume never changes these.
+ADAPTER_KEYS = ("lora_rank", "lora_alpha", "lora_target_modules")
+
+
 def run_settings(args, num_processes: int) -> dict:
     settings = {key: getattr(args, key) for key in SCHEDULE_KEYS}
     if not args.use_ema:
         del settings["ema_decay"]
-    return {**settings, "use_ema": args.use_ema, "num_processes": num_processes}
+    settings = {**settings, "use_ema": args.use_ema, "num_processes": num_processes, "lora_rank": args.lora_rank}
+    if args.lora_rank is not None:
+        settings.update(lora_alpha=args.lora_alpha, lora_target_modules=args.lora_target_modules, lora_dropout=args.lora_dropout)
+    return settings
 
 
 def check_schedule(args, checkpoint: Path, settings: dict) -> list[dict]:
     """The schedule changes recorded so far, plus this resume's if it changes anything (which needs
-    --allow_schedule_change); a refusal names every change."""
+    --allow_schedule_change); a refusal names every change. The LoRA shape settings never change."""
     record_path = checkpoint / RUN_RECORD
     if not record_path.is_file():
         logger.warning("%s records no settings (saved by an older version): the schedule cannot be checked.", checkpoint, main_process_only=True)
         return []
     record = json.loads(record_path.read_text(encoding="utf-8"))
     history = list(record.get("schedule_changes", []))
-    changes = setting_changes(record["settings"], settings)
+    saved = record["settings"]
+    fixed = setting_changes({k: v for k, v in saved.items() if k in ADAPTER_KEYS}, settings)
+    if fixed:
+        raise UserInputError(
+            f"resuming {checkpoint} would change what its weights are ({', '.join(fixed)}): resume with the run's "
+            "settings, or start a new run."
+        )
+    changes = setting_changes(saved, settings)
     if not changes:
         return history
     if not args.allow_schedule_change:
@@ -536,34 +657,67 @@ def apply_settings(args, optimizer, lr_scheduler, ema) -> None:
         ema.decay = args.ema_decay
 
 
+def check_base(checkpoint: Path, pretrained: dict | None) -> None:
+    """A resume must start from the base the run started from (its weights are rebuilt from it: all of them with
+    LoRA, the shapes otherwise); runs recorded before this check are not checked."""
+    record_path = checkpoint / RUN_RECORD
+    record = json.loads(record_path.read_text(encoding="utf-8")) if record_path.is_file() else {}
+    if "pretrained" not in record:
+        return
+    saved = record["pretrained"]
+    if saved is None and pretrained is not None:
+        raise UserInputError(f"{checkpoint} is from a run trained from scratch: leave --pretrained_model out to resume it.")
+    if saved is not None and pretrained is None:
+        raise UserInputError(f"{checkpoint} is from a run fine-tuned from {saved['source']}: pass --pretrained_model {saved['source']} to resume it.")
+    if saved is not None and saved["weights_sha256"] != pretrained["weights_sha256"]:
+        raise UserInputError(
+            f"--pretrained_model {pretrained['source']} is not the model {checkpoint}'s run was fine-tuned from "
+            f"({saved['source']}, other weights): pass that one to resume it."
+        )
+
+
 def checkpoint_writer(accelerator, model, run_record):
     """What each checkpoint holds beside accelerate's state, so that it can be sampled and resumed with checks:
-    the model's config.json and generation_config.json, and training_run.json (settings, schedule changes)."""
+    the model's config.json and generation_config.json (a LoRA run: rar_adapter.json, beside the adapter that
+    register_adapter_checkpointing writes), and training_run.json (settings, schedule changes)."""
 
     def write(folder: Path) -> None:
-        unwrapped = accelerator.unwrap_model(model)
-        unwrapped.config.save_pretrained(folder)
-        unwrapped.generation_config.save_pretrained(folder)
+        if run_record["adapter"] is not None:
+            (folder / ADAPTER_RECORD).write_text(json.dumps(run_record["adapter"], indent=2), encoding="utf-8")
+        else:
+            unwrapped = accelerator.unwrap_model(model)
+            unwrapped.config.save_pretrained(folder)
+            unwrapped.generation_config.save_pretrained(folder)
         (folder / RUN_RECORD).write_text(json.dumps(run_record, indent=2), encoding="utf-8")
 
     return write
 
 
-def final_outputs_current(output_dir: Path, step: int, vqvae) -> bool:
-    """Whether output_dir holds the final model of `step` (and the pipeline, with a VQ model)."""
+def final_outputs_current(output_dir: Path, step: int, vqvae, lora: bool) -> bool:
+    """Whether output_dir holds the final model of `step` (and the pipeline, with a VQ model; a LoRA run: the
+    adapter)."""
     try:
         summary = json.loads((output_dir / SUMMARY).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    complete = (output_dir / "transformer" / "model.safetensors").is_file()
-    complete = complete and (vqvae is None or (output_dir / "model_index.json").is_file())
+    if lora:
+        complete = (output_dir / ADAPTER_WEIGHTS).is_file() and (output_dir / ADAPTER_RECORD).is_file()
+    else:
+        complete = (output_dir / "transformer" / "model.safetensors").is_file()
+        complete = complete and (vqvae is None or (output_dir / "model_index.json").is_file())
     return complete and summary.get("global_step") == step
 
 
 def log_validation(accelerator, model, vqvae, args, step):
     from rar_hf.pipeline_rar import RARPipeline
 
-    pipeline = RARPipeline(transformer=accelerator.unwrap_model(model), vqvae=vqvae, id2label=pipeline_labels(accelerator.unwrap_model(model).config))
+    transformer = accelerator.unwrap_model(model)
+    if args.lora_rank is not None:
+        transformer = transformer.get_base_model()  # the model with the LoRA layers in it
+    pipeline = RARPipeline(transformer=transformer, vqvae=vqvae, id2label=pipeline_labels(transformer.config))
+    # The CPU fast paths swap the linear layers for packed copies during a call and back after it: new parameters,
+    # which the optimizer and the EMA would no longer update.
+    pipeline.disable_cpu_fast_paths()
     pipeline.set_progress_bar_config(disable=True)
     num_classes = pipeline.transformer.config.num_classes
     labels = [c % num_classes for c in args.validation_class_labels]
@@ -586,9 +740,29 @@ def log_validation(accelerator, model, vqvae, args, step):
             tracker.log({"validation": [wandb.Image(image, caption=str(label)) for image, label in zip(images, labels)]})
 
 
+def check_finetuning(args) -> None:
+    """Mistakes in the fine-tuning flags, before anything is loaded or written: a --pretrained_model that is no
+    model, LoRA targets that match no module of RAR (checked on an empty model: RAR's module names do not depend on
+    its size)."""
+    from rar_hf.finetuning import check_lora_targets
+    from rar_hf.run_folder import check_base_source
+
+    if args.pretrained_model is not None:
+        check_base_source(args.pretrained_model, "--pretrained_model")
+    if args.lora_rank is not None:
+        with torch.device("meta"):
+            empty = RARForImageGeneration(RARConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8,
+                                                    codebook_size=2, num_classes=1, image_seq_len=1))  # fmt: skip
+        try:
+            check_lora_targets(empty, args.lora_target_modules)
+        except ValueError as error:
+            raise UserInputError(f"--lora_target_modules: {error}") from None
+
+
 def main(args):
     output_dir = Path(args.output_dir)
     check_output_dir(output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
+    check_finetuning(args)
     resolve_schedule(args)
     checkpoint = resolve_checkpoint(args.resume_from_checkpoint, output_dir)
     report_to = None if args.report_to == "none" else args.report_to
@@ -600,6 +774,8 @@ def main(args):
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     check_distributed_launch(accelerator.num_processes)
+    if args.lora_rank is not None and accelerator.distributed_type == DistributedType.FSDP:
+        raise UserInputError("--lora_rank with FSDP: the adapter is saved from the main process's whole model; use DDP (an adapter's trainable weights are small).")
     settings = run_settings(args, accelerator.num_processes)
     schedule_changes = check_schedule(args, checkpoint, settings) if checkpoint is not None else []
     # Seeded CPU runs are bit-identical only with deterministic kernels (measured no slower here, see the README).
@@ -618,26 +794,36 @@ def train(args, accelerator, output_dir, checkpoint, settings, schedule_changes)
         hub_repo = create_repo(args.hub_model_id or output_dir.name, private=args.hub_private, exist_ok=True).repo_id
 
     dataset, data_info = load_training_data(args)
-    vqvae, vqvae_source = find_vqvae(args, output_dir, data_info, resuming=checkpoint is not None)
-    resolve_resolution(args, vqvae)
+    base = load_base(args) if args.pretrained_model is not None else None
+    vqvae, vqvae_source = find_vqvae(args, output_dir, data_info, resuming=checkpoint is not None, base=base)
+    resolve_resolution(args, vqvae, vqvae_source)
     if vqvae is not None:
         vqvae = vqvae.to(accelerator.device).eval().requires_grad_(False)
-    if args.pretrained_model is not None:
-        model = load_pretrained(RARForImageGeneration, args.pretrained_model, "--pretrained_model")
+    if base is not None:
+        model, pretrained = fit_classes(args, base, data_info)
+        del base
     else:
-        model = RARForImageGeneration(build_config(args, vqvae, data_info))
+        model, pretrained = RARForImageGeneration(build_config(args, vqvae, data_info)), None
     check_model_fits_data(args, model.config, vqvae, data_info)
+    if checkpoint is not None:
+        check_base(checkpoint, pretrained)
     if accelerator.is_main_process:
         record_vqvae(vqvae, output_dir)
     if args.gradient_checkpointing:
         # activation_checkpointing_enable is the name since transformers 5.2x; gradient_checkpointing_enable before.
         getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
+    adapter = None
+    if args.lora_rank is not None:
+        model, adapter = add_lora(args, model, pretrained, vqvae)
+        register_adapter_checkpointing(accelerator)
     config = model.config
+    # What the EMA averages: every weight, or with LoRA the adapter's (the base does not change).
+    ema_parameters = adapter_parameters(model) if adapter is not None else list(model.parameters())
     ema = None
     if args.use_ema:
         from diffusers.training_utils import EMAModel
 
-        ema = EMAModel(model.parameters(), decay=args.ema_decay, model_cls=RARForImageGeneration, model_config=config)
+        ema = EMAModel(ema_parameters, decay=args.ema_decay, model_cls=RARForImageGeneration, model_config=config)
 
     optimizer = build_optimizer(model, args)
     # Prepared schedulers step once per process per optimizer step; give them steps x processes accordingly.
@@ -664,7 +850,8 @@ def train(args, accelerator, output_dir, checkpoint, settings, schedule_changes)
         logger.info("No checkpoint in %s: starting from scratch.", output_dir)
     # Where the VQ model came from: a Hub id, or (a path on this machine) the run's own copy.
     recorded_vqvae = None if vqvae is None else (vqvae_source if not os.path.exists(vqvae_source) else RUN_VQVAE)
-    run_record = {"settings": settings, "schedule_changes": schedule_changes, "vqvae": recorded_vqvae}
+    run_record = {"settings": settings, "schedule_changes": schedule_changes, "vqvae": recorded_vqvae,
+                  "pretrained": pretrained, "adapter": adapter}  # fmt: skip
     write_checkpoint_extras = checkpoint_writer(accelerator, model, run_record)
 
     collator = RARDataCollator(
@@ -696,15 +883,15 @@ def train(args, accelerator, output_dir, checkpoint, settings, schedule_changes)
     # A resume at the end writes the final model only when the folder lacks it (a run killed after its last
     # checkpoint); every process must agree, whatever disk each one sees.
     finished_before = global_step >= args.max_train_steps
-    write_final = [not (finished_before and final_outputs_current(output_dir, global_step, vqvae))]
+    write_final = [not (finished_before and final_outputs_current(output_dir, global_step, vqvae, adapter is not None))]
     broadcast_object_list(write_final)
     if finished_before:
         done = "writing its final model to" if write_final[0] else "its final model is in"
         accelerator.print(f"run already at step {global_step} of {args.max_train_steps}; {done} {output_dir}")
     else:
         logger.info(
-            "Training %.1fM parameters for %d steps, %d processes x %d samples x %d accumulation.",
-            sum(p.numel() for p in model.parameters()) / 1e6,
+            "Training %.2fM parameters for %d steps, %d processes x %d samples x %d accumulation.",
+            sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6,
             args.max_train_steps,
             accelerator.num_processes,
             args.train_batch_size,
@@ -746,7 +933,7 @@ def train(args, accelerator, output_dir, checkpoint, settings, schedule_changes)
         window_steps += 1
         progress.update(1)
         if ema is not None:
-            ema.step(model.parameters())
+            ema.step(ema_parameters)
         if global_step % args.logging_steps == 0 or global_step == args.max_train_steps:
             mean_loss = loss_window.mean(accelerator)
             elapsed = time.perf_counter() - window_start
@@ -780,7 +967,7 @@ def train(args, accelerator, output_dir, checkpoint, settings, schedule_changes)
     progress.close()
 
     if write_final[0]:
-        save_final(accelerator, args, model, ema, vqvae, run_record, global_step, first_batch_fingerprint, hub_repo, pending_uploads)
+        save_final(accelerator, args, model, ema, ema_parameters, vqvae, run_record, global_step, first_batch_fingerprint, hub_repo, pending_uploads)
     # Release the DDP wrapper while its process group is alive: freed at interpreter exit instead, its reducer joins
     # gloo's worker thread while holding the GIL that thread may need, which hung a 2-process CPU run once.
     del model
@@ -788,9 +975,9 @@ def train(args, accelerator, output_dir, checkpoint, settings, schedule_changes)
     accelerator.end_training()
 
 
-def save_final(accelerator, args, model, ema, vqvae, run_record, global_step, first_batch_fingerprint, hub_repo, pending_uploads):
+def save_final(accelerator, args, model, ema, ema_parameters, vqvae, run_record, global_step, first_batch_fingerprint, hub_repo, pending_uploads):
     """train_summary.json, the final transformer/ (the EMA weights with --use_ema) and, with a VQ model, the pipeline
-    and its model card; then the Hub upload."""
+    and its model card (a LoRA run: the adapter and its rar_adapter.json); then the Hub upload."""
     output_dir = Path(args.output_dir)
     # Every rank must end with the same weights and must have seen its own data: record both for inspection.
     checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum()
@@ -812,9 +999,14 @@ def save_final(accelerator, args, model, ema, vqvae, run_record, global_step, fi
     accelerator.wait_for_everyone()
     final = accelerator.unwrap_model(model)
     if ema is not None:
-        ema.copy_to(final.parameters())
-    state_dict = accelerator.get_state_dict(model)  # gathers FSDP shards: every process must call it
-    if accelerator.is_main_process:
+        ema.copy_to(ema_parameters)
+    adapter = run_record["adapter"]
+    # Gathers FSDP shards: every process must call it (LoRA runs refuse FSDP and save from the main process).
+    state_dict = accelerator.get_state_dict(model) if adapter is None else None
+    if accelerator.is_main_process and adapter is not None:
+        save_adapter(final, output_dir)
+        (output_dir / ADAPTER_RECORD).write_text(json.dumps(adapter, indent=2), encoding="utf-8")
+    elif accelerator.is_main_process:
         final.save_pretrained(output_dir / "transformer", state_dict=state_dict)
         if vqvae is not None:
             from rar_hf.pipeline_rar import RARPipeline
@@ -825,6 +1017,7 @@ def save_final(accelerator, args, model, ema, vqvae, run_record, global_step, fi
             write_training_model_card(
                 output_dir, final.config, args, global_step, accelerator.num_processes, run_record["schedule_changes"]
             )
+    if accelerator.is_main_process:
         finish_uploads(pending_uploads)
         if hub_repo is not None:
             from huggingface_hub import upload_folder

@@ -90,6 +90,19 @@ def test_run_all_grids_build(run):
     assert gpu_sh.returncode == 0 and "--preset rar-xl" in gpu_sh.stdout, gpu_sh.stderr
 
 
+def test_adaptation_table_compares_full_fine_tuning_and_lora(run, tmp_path):
+    out = run(BENCH / "adaptation.py", "--work_dir", tmp_path, "--pretrain_steps", "2", "--adapt_steps", "2",
+              "--num_per_class", "2", "--guidance_scales", "2", "--in_process", "--rows", "full, null init", "LoRA r=8",
+              "--output_json", tmp_path / "adaptation.json")  # fmt: skip
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in out.splitlines() if line.startswith("| ") and "steps on 5-9" not in line}
+    assert list(rows) == ["full, null init", "LoRA r=8"]
+    trainable = {name: int(cells[-4].replace(",", "")) for name, cells in rows.items()}
+    assert trainable["full, null init"] > 10 * trainable["LoRA r=8"] > 0
+    results = json.loads((tmp_path / "adaptation.json").read_text())
+    assert [r["row"] for r in results["adaptation"]] == list(rows)
+    assert all(0 <= r["quality"][0]["accuracy"] <= 1 and r["quality"][0]["frechet"] >= 0 for r in results["adaptation"])
+
+
 @pytest.mark.parametrize("fold", [False, True])
 def test_official_sampler_parity(fold, one_thread):
     sys.path.insert(0, str(BENCH))

@@ -216,6 +216,21 @@ def test_resuming_streamed_training_with_flips_reproduces_the_uninterrupted_run(
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7), (a, b)
 
 
+def test_pretokenize_takes_the_resolution_from_the_vq_model_and_refuses_another(image_data, tmp_path, run, refused):
+    # The tokenizer is made for 16-px images (4x4 tokens); the old default of 256 px made 64x64 = 4096 tokens each.
+    out = tmp_path / "tokens"
+    common = ["--dataset_name", image_data / "train.parquet", "--vqvae", image_data / "vqvae", "--augmentation", "center",
+              "--num_shards", 1]  # fmt: skip
+    line = refused("pretokenize.py", *common, "--resolution", 256, "--output_dir", out)
+    assert line == (f"pretokenize.py: error: --resolution 256 but --vqvae {image_data / 'vqvae'} is made for 16-px images "
+                    "(its sample_size): leave --resolution out or pass --resolution 16.")  # fmt: skip
+    assert not out.exists()
+    run("pretokenize.py", *common, "--output_dir", out)
+    made = json.loads((out / "rar_pretokenized-train.json").read_text())["fingerprint"]
+    assert (made["resolution"], made["image_seq_len"]) == (16, 16)
+    assert {len(t) for t in datasets.load_dataset(str(out), split="train")["tokens"]} == {16}
+
+
 def test_training_on_pretokenized_shards_takes_sizes_and_names_from_their_metadata(image_data, tmp_path, run, refused):
     tokens = tmp_path / "tokens"
     run("pretokenize.py", "--dataset_name", image_data / "train.parquet", "--vqvae", image_data / "vqvae", "--resolution", 16,

@@ -591,3 +591,15 @@ def test_the_resolution_must_match_the_vq_model(train_rar, own_images, tmp_path)
         f"--resolution 256 but --vqvae {SHIPPED_VQVAE} is made for 32-px images (its sample_size): leave --resolution "
         "out or pass --resolution 32."
     )
+
+
+def test_validation_samples_do_not_stop_the_linear_layers_from_training(train_rar, tiny_data, tmp_path):
+    # On a CPU the pipeline packs the linear layers for the length of a call and unpacks them into new parameters:
+    # validation used it as is, and the optimizer and the EMA then updated parameters the model no longer held.
+    common = ["--max_train_steps", 4, "--checkpointing_steps", 100, "--vqvae", tiny_data / "vqvae", "--use_ema", "--ema_decay", 0.5]
+    run_training(train_rar, tiny_data, tmp_path / "plain", *common)
+    run_training(train_rar, tiny_data, tmp_path / "validated", *common, "--validation_steps", 2, "--validation_class_labels", 1, 2)
+    assert (tmp_path / "validated" / "samples" / "step-2.png").is_file()
+    expected = load_file(tmp_path / "plain" / "transformer" / "model.safetensors")
+    final = load_file(tmp_path / "validated" / "transformer" / "model.safetensors")
+    assert all(torch.equal(final[name], expected[name]) for name in expected)

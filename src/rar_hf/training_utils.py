@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .arguments import HUB_OFFLINE_HINT, UserError
-from .run_folder import CHECKPOINT_PATTERN, describe_folder, folder_kind, list_checkpoints
+from .run_folder import CHECKPOINT_PATTERN, describe_folder, folder_kind, list_checkpoints, looks_like_hub_id
 from .weights import torch_load_weights_only
 
 logger = logging.getLogger(__name__)
@@ -56,10 +56,6 @@ _EXPECTED_FOLDER = {
 }
 
 
-def _looks_like_hub_id(name: str) -> bool:
-    return not name.startswith((".", "/", "~")) and name.count("/") <= 1 and not name.endswith("/")
-
-
 def check_model_source(cls, name_or_path, what: str) -> None:
     """One line for the folders users hand a flag by mistake, before anything is loaded: a missing path, a pipeline
     root or training run (name its subfolder), the other component's folder, a file or a folder without a model."""
@@ -72,7 +68,7 @@ def check_model_source(cls, name_or_path, what: str) -> None:
     if kind == subfolder or (kind == "checkpoint" and subfolder == "transformer"):
         return
     if kind == "missing":
-        if not _looks_like_hub_id(name):
+        if not looks_like_hub_id(name):
             raise UserInputError(f"{what} {name}: no such folder; pass {expected}.")
         from huggingface_hub import constants, try_to_load_from_cache
 
@@ -376,6 +372,8 @@ def load_checkpoint(accelerator, checkpoint, custom_states=None, optional=()) ->
         raise UserInputError(f"{rng_file}: missing from the checkpoint (saved by a different number of processes?).")
     try:
         accelerator.load_state(str(checkpoint))
+    except UserInputError:
+        raise
     except Exception as error:
         for path in sorted(checkpoint.iterdir()):
             if path.is_file() and path.suffix in (".safetensors", ".bin", ".pkl"):
@@ -482,3 +480,68 @@ def deterministic_algorithms(enabled: bool = True):
         yield
     finally:
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+
+
+def vqvae_resolution(resolution: int | None, vqvae, vqvae_name) -> int:
+    """The image size to tokenise at with `vqvae`: its `sample_size` when `resolution` is None; a `resolution` other
+    than that is a `UserInputError` (a 32-px tokenizer fed 256-px images makes 64x as many tokens, and a model of
+    the wrong sequence length)."""
+    native = vqvae.config.sample_size
+    native = native if isinstance(native, int) else (native[0] if native[0] == native[1] else None)
+    if resolution is None:
+        if native is None:
+            raise UserInputError(f"--vqvae {vqvae_name} has a non-square sample_size {vqvae.config.sample_size}: pass --resolution.")
+        logger.info("--resolution %d: the sample_size of --vqvae %s.", native, vqvae_name)
+        return native
+    if native is not None and resolution != native:
+        raise UserInputError(
+            f"--resolution {resolution} but --vqvae {vqvae_name} is made for {native}-px images (its sample_size): "
+            f"leave --resolution out or pass --resolution {native}."
+        )
+    return resolution
+
+
+def save_adapter(model, folder) -> None:
+    """PEFT's `save_pretrained` of a RAR adapter: adapter_config.json, adapter_model.safetensors (and PEFT's
+    README.md). `save_embedding_layers=False`: PEFT would otherwise save the whole embedding table because the class
+    count differs from the base's, but the class rows are the adapter's trainable tokens and the others are the
+    base's."""
+    model.save_pretrained(str(folder), save_embedding_layers=False)
+
+
+def register_adapter_checkpointing(accelerator) -> None:
+    """Checkpoints of a PEFT model hold its adapter only: PEFT's `adapter_config.json` and
+    `adapter_model.safetensors` (what `save_pretrained` writes) instead of accelerate's `model.safetensors` of the
+    whole model, and resuming loads them back into the model (diffusers' LoRA scripts do the same with these hooks).
+    The frozen base is rebuilt from `--pretrained_model` on resume."""
+    from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from .finetuning import ADAPTER_WEIGHTS
+
+    def adapters(models):
+        return [(m, accelerator.unwrap_model(m)) for m in models if isinstance(accelerator.unwrap_model(m), PeftModel)]
+
+    def save(models, weights, output_dir):
+        for index in reversed(range(len(models))):
+            unwrapped = accelerator.unwrap_model(models[index])
+            if isinstance(unwrapped, PeftModel):
+                if accelerator.is_main_process:
+                    save_adapter(unwrapped, output_dir)
+                weights.pop(index)
+
+    def load(models, input_dir):
+        for model, unwrapped in adapters(models):
+            path = Path(input_dir) / ADAPTER_WEIGHTS
+            if not path.is_file():
+                raise UserInputError(f"{path}: missing from the checkpoint (was the run trained without --lora_rank?).")
+            state = load_file(str(path))
+            expected = set(get_peft_model_state_dict(unwrapped, save_embedding_layers=False))
+            if set(state) != expected:
+                difference = sorted(set(state) ^ expected)
+                raise UserInputError(f"{path}: not the adapter of this model ({len(difference)} tensors differ, e.g. {difference[0]}).")
+            set_peft_model_state_dict(unwrapped, state)
+            models.remove(model)
+
+    accelerator.register_save_state_pre_hook(save)
+    accelerator.register_load_state_pre_hook(load)
