@@ -43,7 +43,7 @@
 # benchmarks/README.md.
 #
 # Environment: PRESET (rar-xl), TRAIN_PRESET (rar-b), DEVICE (cuda), BUDGET (420 s for the rows), PYTHON
-# (.venv/bin/python if present, else python3), EXTRA (more arguments for every row), BEFORE_SRC, WHEEL_SITE
+# (.venv/bin/python if present, else python3), EXTRA (more arguments for every row), BEFORE_SRC, WHEEL_DIR (.whl), WHEEL_SITE
 # (/tmp/rar-hf-site), ALLOW_OTHER_VERSIONS.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -77,7 +77,7 @@ fi
 GRID_ARGS+=(--train_preset "${TRAIN_PRESET:-rar-b}")
 [[ -n "${BEFORE_SRC:-}" ]] && GRID_ARGS+=(--before_src "$BEFORE_SRC")
 [[ -n "$EXTRA" ]] && GRID_ARGS+=(--extra "$EXTRA")
-WHEELS=(.whl/*.whl)
+WHEELS=("${WHEEL_DIR:-.whl}"/*.whl)
 [[ -e "${WHEELS[0]}" ]] || WHEELS=()
 INSTALL=("$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WHEEL_SITE")
 

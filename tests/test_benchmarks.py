@@ -169,7 +169,7 @@ def test_gpu_sh_stops_at_once_without_the_pinned_packages(tmp_path):
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text("__version__ = '4.99.0'\n")
     env = {**ENV, "PRESET": "tiny", "DEVICE": "cpu", "OUT": str(tmp_path / "out"), "PYTHON": sys.executable,
-           "PYTHONPATH": str(tmp_path / "site")}
+           "PYTHONPATH": str(tmp_path / "site"), "WHEEL_DIR": str(tmp_path / "no-wheels")}  # not the checkout's .whl/
     result = subprocess.run(["bash", str(BENCH / "gpu.sh")], capture_output=True, text=True, env=env, cwd=REPO,
                             timeout=120)
     assert result.returncode == 2, result.stdout + result.stderr
