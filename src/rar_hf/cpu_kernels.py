@@ -206,8 +206,11 @@ class PackedLinear(nn.Module):
 
 def _swap(model: nn.Module, convert) -> int:
     count = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
+    # Hold the parents only (not the layers themselves), so that each replaced layer is freed as soon as it is swapped.
+    parents = [module for module in model.modules() if next(module.children(), None) is not None]
+    for parent in parents:
+        for name in [name for name, _ in parent.named_children()]:
+            child = getattr(parent, name)
             replacement = convert(child)
             if replacement is not None:
                 setattr(parent, name, replacement)
