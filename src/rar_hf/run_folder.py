@@ -173,15 +173,19 @@ def _run_of(path: Path) -> tuple[Path, Path | None]:
     has_final = (path / "transformer" / "config.json").is_file() or (path / ADAPTER_WEIGHTS).is_file()
     summary = _read_json(path / SUMMARY) or {}
     final_step = summary.get("global_step") if has_final else None
-    if found and (final_step is None or checkpoint_number(found[-1]) > final_step):
+    if found and (final_step is None or checkpoint_step(found[-1]) > final_step):
         return path, found[-1]
     if not has_final:
         raise UserError(f"{path}: a training run's folder without a checkpoint or a final transformer/ yet")
     return path, None
 
 
-def checkpoint_number(checkpoint: Path) -> int:
-    return int(CHECKPOINT_PATTERN.match(checkpoint.name).group(1))
+def checkpoint_step(checkpoint) -> int:
+    """The optimizer step a `checkpoint-N` folder was saved at."""
+    match = CHECKPOINT_PATTERN.match(Path(checkpoint).name)
+    if match is None:
+        raise UserError(f"{checkpoint} is not a complete checkpoint folder (expected a name like checkpoint-1000).")
+    return int(match.group(1))
 
 
 def is_run_folder(path) -> bool:
@@ -199,7 +203,7 @@ def load_run_transformer(path, dtype=None):
     run, checkpoint = _run_of(path)
     if checkpoint is not None:
         transformer, weights = load_checkpoint_transformer(checkpoint, dtype=dtype)
-        return transformer, f"{checkpoint} (step {checkpoint_number(checkpoint)}, {weights})", run
+        return transformer, f"{checkpoint} (step {checkpoint_step(checkpoint)}, {weights})", run
     summary = _read_json(run / SUMMARY) or {}
     weights = summary.get("weights", "final weights")
     if (run / ADAPTER_WEIGHTS).is_file():

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .arguments import HUB_OFFLINE_HINT, UserError
-from .run_folder import CHECKPOINT_PATTERN, describe_folder, folder_kind, list_checkpoints, looks_like_hub_id
+from .run_folder import checkpoint_step, describe_folder, folder_kind, list_checkpoints, looks_like_hub_id
 from .weights import torch_load_weights_only
 
 logger = logging.getLogger(__name__)
@@ -174,14 +174,6 @@ def prepare_output_dir(accelerator, output_dir, overwrite_output_dir: bool):
             clear_output_dir(output_dir)
     accelerator.wait_for_everyone()
     return lock
-
-
-def checkpoint_step(checkpoint) -> int:
-    """The optimizer step a `checkpoint-N` folder was saved at."""
-    match = CHECKPOINT_PATTERN.match(Path(checkpoint).name)
-    if match is None:
-        raise UserInputError(f"{checkpoint} is not a complete checkpoint folder (expected a name like checkpoint-1000).")
-    return int(match.group(1))
 
 
 def resolve_checkpoint(resume_from_checkpoint, output_dir) -> Path | None:
