@@ -89,6 +89,17 @@ def test_state_nbytes_counts_the_real_bytes(fp32, int8):
     assert int8.get_memory_footprint() == model_fp32.get_memory_footprint()
 
 
+@pytest.mark.skipif(not can_pack(torch.zeros(1)), reason="this torch build cannot pack float32 weights with oneDNN")
+def test_state_nbytes_counts_packed_weights_that_are_no_parameters(fp32):
+    import copy
+
+    model = copy.deepcopy(fp32[0]).eval()
+    plain = state_nbytes(model)
+    enable_cpu_fast_paths(model)
+    assert 4 * model.num_parameters() < plain / 2  # the packed weights left parameters()
+    assert state_nbytes(model) == plain  # and are counted where they are (float32, as many values)
+
+
 @needs_torchao
 def test_int8_save_load_round_trip_and_int4_refuses_to_save(tmp_path, int8):
     int8.save_pretrained(tmp_path / "int8")

@@ -36,12 +36,12 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.utils import logging
 
+from .quantization import is_quantized_tensor
 
 logger = logging.get_logger(__name__)
 
@@ -66,12 +66,6 @@ def can_pack(weight: torch.Tensor) -> bool:
     if weight.dtype == torch.float32:
         return True
     return weight.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
-def is_quantized_weight(weight) -> bool:
-    """Whether `weight` is a quantized tensor subclass (torchao's `Int8Tensor`, `Int4OpaqueTensor`, ...), which holds
-    its data in inner tensors and multiplies through its own kernels."""
-    return isinstance(weight, torch.Tensor) and is_traceable_wrapper_subclass(weight)
 
 
 def packed_product(input: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -107,7 +101,7 @@ class PackedLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear, num_rows: int | None = None):
         super().__init__()
-        if is_quantized_weight(linear.weight):
+        if is_quantized_tensor(linear.weight):
             raise ValueError(
                 f"This linear layer holds a quantized weight ({type(linear.weight).__name__}): PackedLinear packs "
                 "float32/bfloat16 weights only; a quantized layer keeps its quantization library's kernels."
@@ -233,7 +227,7 @@ def replace_with_packed_linear(model: nn.Module, num_rows: int | None = 8, modul
     def convert(child):
         if type(child) is PackedLinear or not isinstance(child, nn.Linear):
             return None
-        if is_quantized_weight(child.weight):
+        if is_quantized_tensor(child.weight):
             quantized[type(child.weight).__name__] += 1
             return None
         if not can_pack(child.weight):

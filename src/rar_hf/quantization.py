@@ -233,12 +233,12 @@ def state_nbytes(model: nn.Module) -> int:
     """Bytes the parameters and buffers of `model` really hold: torchao's quantized weights at their int8/int4 data
     plus scales (where `get_memory_footprint()` counts the float32 size), CPU-packed weights at their packed size,
     shared (tied) storages once."""
-    from .cpu_kernels import PackedLinear
-
     seen, total = set(), 0
     for module in model.modules():
         tensors = [*module._parameters.values(), *module._buffers.values()]
-        if isinstance(module, PackedLinear):
-            tensors.append(module.packed_weight if module.packed_weight is not None else module.plain_weight)
+        # A `rar_hf.cpu_kernels.PackedLinear` holds its weight outside its parameters (packed, or plain where it
+        # cannot pack); read by name so that this module never imports the CPU kernels (they import it).
+        held = getattr(module, "packed_weight", None)
+        tensors.append(held if held is not None else getattr(module, "plain_weight", None))
         total += sum(tensor_nbytes(t, seen) for t in tensors if t is not None)
     return total
