@@ -384,8 +384,9 @@ class RARPipeline(DiffusionPipeline):
         return self._num_timesteps
 
     def _worth_cpu_fast_paths(self) -> bool:
-        # Packed products win once reading the weights dominates a step: measured on 2 cores, a 1.3M-parameter model
-        # (the shipped digits) steps 1.3-1.5x slower on them, 10M parameters 1.1x faster, RAR-B (258M) 2.1-2.3x.
+        # Packed products win once reading the weights dominates a step: measured on 2 cores (benchmarks/README.md,
+        # "When the CPU fast paths pay off"), the shipped 1.3M-parameter digits model steps at 0.59-0.73x on them,
+        # 10M parameters at 1.04-1.13x, RAR-B (258M) at 1.90-2.26x.
         return self.transformer.num_parameters() >= CPU_FAST_PATHS_MIN_PARAMETERS
 
     def enable_cpu_fast_paths(self):
