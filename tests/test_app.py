@@ -239,6 +239,7 @@ new MutationObserver(() => {
 
 
 def test_app_generates_the_pipeline_images_in_a_browser(browser, app_url, app, tiny_pipe):
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
@@ -257,17 +258,24 @@ def test_app_generates_the_pipeline_images_in_a_browser(browser, app_url, app, t
     # The class picker filters the label names as one types; "unconditional" is one of its entries.
     picker = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#class-picker input"))
 
-    def pick(query):
+    def pick(query, expected):
+        """Type `query` and wait until the picker lists exactly `expected`: the list is filtered asynchronously and
+        re-rendered as it goes, so an earlier list (or one gone stale under us) is not the answer yet."""
         picker.click()
         picker.send_keys(Keys.CONTROL, "a")
         picker.send_keys(query)
-        return wait.until(
-            lambda d: [o for o in d.find_elements(By.CSS_SELECTOR, "#class-picker .options li") if o.text.strip()]
-        )
 
-    assert [option.text.strip() for option in pick("uncond")] == ["unconditional"]
-    options = pick(CLASS_QUERY)
-    assert [option.text.strip() for option in options] == [CLASS_CHOICE]
+        def listed(d):
+            try:
+                options = [o for o in d.find_elements(By.CSS_SELECTOR, "#class-picker .options li") if o.text.strip()]
+                return options if [o.text.strip() for o in options] == expected else False
+            except StaleElementReferenceException:
+                return False
+
+        return wait.until(listed, message=f"the class picker never listed exactly {expected} for {query!r}")
+
+    pick("uncond", ["unconditional"])
+    options = pick(CLASS_QUERY, [CLASS_CHOICE])
     options[0].click()
     assert picker.get_attribute("value") == CLASS_CHOICE
 

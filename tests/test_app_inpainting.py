@@ -19,6 +19,7 @@ from test_app import _pixels, _set_number, browser  # noqa: E402, F401
 import rar_hf  # noqa: E402
 from rar_hf.data.digits import digits_to_images, split_digits  # noqa: E402
 from rar_hf.pipeline_rar import RARPipeline  # noqa: E402
+from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
@@ -141,7 +142,15 @@ def test_inpaint_tab_completes_a_painted_region_in_a_browser(served, browser, pi
     picker.click()
     picker.send_keys(Keys.CONTROL, "a")
     picker.send_keys("8:")
-    wait.until(lambda d: [o for o in d.find_elements(By.CSS_SELECTOR, "#inpaint-class .options li") if o.text.strip()])[0].click()
+
+    def filtered(d):  # the list is filtered asynchronously and re-rendered as it goes: wait for the filtered one
+        try:
+            options = [o for o in d.find_elements(By.CSS_SELECTOR, "#inpaint-class .options li") if o.text.strip()]
+            return options if options and all(o.text.strip().startswith("8:") for o in options) else False
+        except StaleElementReferenceException:
+            return False
+
+    wait.until(filtered, message="the class picker never listed only the classes matching '8:'")[0].click()
 
     # An uploaded held-out "3", its lower part regenerated as an 8.
     path = digit_png(tmp_path)
